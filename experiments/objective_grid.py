@@ -150,7 +150,8 @@ def model_config(config: ml_collections.ConfigDict, architecture: str, vocab_siz
 
 
 def readout_lengths(cell: Cell, config: ml_collections.ConfigDict) -> dict[str, int]:
-  """Rows for (a) and (b): the training row L per stream."""
+  """Padded rows for scoring (a), (b) and (c): L per stream, one shape per model (the examples
+  themselves fit the cell's training rows, `plan` checks)."""
   length = int(config.data.seq_length)
   return {s: length for s in features_lib.STREAMS[cell.streams]}
 
@@ -190,11 +191,13 @@ def plan(config: ml_collections.ConfigDict, special: obj.SpecialIds) -> list[Cel
                        f"{e}") from None
     cell = Cell(architecture, objective, model_config(config, architecture, special.vocab_size),
                 tuple(sorted(lengths.items())), planned.chunk_length)
+    # Readouts stay within the rows the cell trained on: a model is never scored at positions
+    # (or, with relative biases, distances) it never saw, e.g. an encoder trained on 64 tokens.
     checks = {
         "(a) continuation": (readouts.continuation_examples(chunk[None], spec.readout, special),
-                             spec.readout.format, readout_lengths(cell, config)),
+                             spec.readout.format, cell.lengths_dict),
         "(b) infilling": (readouts.infill_examples(chunk[None], spec.readout, special, seed=0),
-                          spec.readout.format, readout_lengths(cell, config)),
+                          spec.readout.format, cell.lengths_dict),
         "(c) fine-tuning": (_longest_naming_example(config, spec, special), "seq2seq",
                             {s: min(n, readout_lengths(cell, config)[s])
                              for s, n in finetune_lengths(cell, config).items()}),
@@ -204,8 +207,8 @@ def plan(config: ml_collections.ConfigDict, special: obj.SpecialIds) -> list[Cel
       for stream, n in need.items():
         if n > budget[stream]:
           raise ValueError(f"grid cell {name}: a {what} example needs {stream} length {n} > "
-                           f"{budget[stream]}; lower readouts.chunk_length / "
-                           "finetune.max_body_bytes or raise data.seq_length")
+                           f"{budget[stream]}, its training row; lower readouts.chunk_length "
+                           "/ finetune.max_body_bytes or raise data.seq_length")
     cells.append(cell)
   return cells
 

@@ -18,8 +18,10 @@ Readouts (NLL in nats per scored token):
       asking a span model to continue. Scored: the `k` target tokens.
   (b) span infilling: the R-denoiser (mean span 3, noise density 0.15) corrupts each chunk with
       a fixed seed; inputs = the corrupted chunk ([NLU] first for UL2), targets = sentinels and
-      spans. Scored: the corrupted-out tokens only; sentinels and eos are teacher-forced format
-      that a model not trained on spans cannot know, so scoring them would measure the format.
+      spans. Scored two ways: the corrupted-out (span) tokens only, where sentinels are
+      teacher-forced format, which measures how well the hidden text is predicted; and every
+      target token but eos (T5's targets), where predicting each next sentinel also asks *where a
+      span ends*, i.e. how well a model knows this corruption's span lengths.
   (c) function naming, built with `ast` from the corpus: inputs = a function's body without
       its `def` line, targets = its name (see `function_name_pairs`).
 """

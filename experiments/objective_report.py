@@ -16,7 +16,8 @@ import numpy as np
 # (column, header, lower is better) of the readouts, in table order.
 READOUTS = (
     ("continuation_nll", "(a) continuation NLL ↓", True),
-    ("infill_nll", "(b) infilling NLL ↓", True),
+    ("infill_nll", "(b) infilling NLL, span tokens ↓", True),
+    ("infill_nll_with_sentinels", "(b) infilling NLL, all targets ↓", True),
     ("exact_match", "(c) name exact match ↑", False),
     ("name_nll", "(c) name NLL ↓", True),
 )
@@ -111,7 +112,7 @@ def plot(summary: Sequence[Mapping[str, Any]], path: str, *, title: str) -> None
 
   objectives = list(dict.fromkeys(e["objective"] for e in summary))
   architectures = list(dict.fromkeys(e["architecture"] for e in summary))
-  fig, axes = plt.subplots(1, len(READOUTS), figsize=(4.2 * len(READOUTS), 3.8))
+  fig, axes = plt.subplots(1, len(READOUTS), figsize=(3.8 * len(READOUTS), 3.8))
   width = 0.8 / max(len(architectures), 1)
   x = np.arange(len(objectives))
   for ax, (column, label, _) in zip(axes, READOUTS):

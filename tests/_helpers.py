@@ -9,6 +9,7 @@ imported (collection), and runs while the other tests do.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
@@ -63,6 +64,17 @@ def python(*args: str, timeout: float = 300, cache: str = SHARED_CACHE,
 
 
 _background: dict[str, subprocess.Popen] = {}
+
+
+@atexit.register
+def _clean_up() -> None:
+  """Ends a background worker nobody waited for (its tests deselected), removes the caches."""
+  proc = _background.get("multidevice")
+  if proc is not None and proc.poll() is None:
+    proc.kill()
+    proc.wait()
+  if session_dir.cache_info().currsize:
+    shutil.rmtree(session_dir(), ignore_errors=True)
 
 
 def start_multidevice() -> None:

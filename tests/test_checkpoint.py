@@ -1,6 +1,7 @@
 """seqlab.checkpoint: exact round trips, retention, corrupted-newest fallback, shape mismatch."""
 
 import hashlib
+import json
 import os
 import pathlib
 
@@ -112,3 +113,9 @@ def test_empty_directory_and_non_finite_metrics(tmp_path):
   with pytest.raises(ValueError, match="max_to_keep=0"):
     checkpoint.Checkpointer(str(tmp_path / "x"), max_to_keep=0)
   assert not os.path.exists(tmp_path / "x")
+
+
+def test_dumps_makes_configs_and_data_states_json():
+  text = checkpoint.dumps({"b": b"\x00\xff", "n": np.int64(3), "x": np.float32(0.5),
+                           "a": np.arange(2)})
+  assert json.loads(text) == {"a": [0, 1], "b": {"__bytes__": "\x00\xff"}, "n": 3, "x": 0.5}

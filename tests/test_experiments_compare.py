@@ -113,7 +113,9 @@ def test_smoke_run_every_architecture(tmp_path):
       "--config", CONFIG + ":smoke", "--workdir", str(tmp_path), "--scratch", str(tmp_path / "s"),
       "--config.grid.architectures=causal_decoder,prefix_decoder,encoder_decoder",
       "--config.grid.objectives=full_lm,prefix_lm,span_corruption,ul2,span_prefix_lm",
-      "--config.grid.skip=prefix_decoder/full_lm,encoder_decoder/full_lm"])
+      "--config.grid.skip=prefix_decoder/full_lm,encoder_decoder/full_lm",
+      # A 9-token encoder-decoder span-corruption decoder row holds a 7-token continuation.
+      "--config.readouts.chunk_length=14"])
   assert len(summary) == 13
   for entry in summary:
     assert all(np.isfinite(entry[c][0]) for c, _, _ in report.READOUTS)
@@ -346,7 +348,7 @@ def test_aggregate_and_markdown_mark_the_best_per_column():
   def row(arch, objective, seed, cont, infill, em, name):
     return {"architecture": arch, "objective": objective, "seed": seed, "params": 1000,
             "train_flops_per_token": 2e6, "continuation_nll": cont, "infill_nll": infill,
-            "exact_match": em, "name_nll": name}
+            "infill_nll_with_sentinels": infill + 1, "exact_match": em, "name_nll": name}
 
   rows = [row("a", "x", 0, 1.0, 5.0, 0.10, 2.0), row("a", "x", 1, 3.0, 5.0, 0.30, 2.0),
           row("b", "y", 0, 2.5, 4.0, 0.05, 1.0)]
@@ -359,4 +361,5 @@ def test_aggregate_and_markdown_mark_the_best_per_column():
   assert "**2.000 ± 1.414**" in table[2]  # lower continuation NLL is better
   assert "**20.0 ± 14.1**" in table[2]  # higher exact match is better (in %)
   assert "**4.000 ± 0.000**" in table[3] and "**1.000 ± 0.000**" in table[3]
-  assert table[3].count("**") == 4
+  assert "**5.000 ± 0.000**" in table[3]  # all targets: infill + 1
+  assert table[3].count("**") == 6

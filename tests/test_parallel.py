@@ -108,3 +108,12 @@ def test_batch_size_must_divide_over_the_devices():
   message = _helpers.multidevice_results()["bad_batch_size"]
   assert message == ("data.batch_size=12 is not divisible by the 8 devices of the mesh "
                      "(data=8 x fsdp=1)")
+
+
+def test_force_host_devices_only_adds_a_missing_flag(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+  parallel.force_host_devices(8)
+  assert parallel.os.environ["XLA_FLAGS"] == (
+      "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=8")
+  parallel.force_host_devices(4)  # an explicit count already there wins
+  assert parallel.os.environ["XLA_FLAGS"].endswith("device_count=8")

@@ -291,3 +291,31 @@ def test_bfloat16_compute_keeps_float32_parameters():
   np.testing.assert_allclose(metrics["loss"], full["loss"], rtol=2e-2)
   np.testing.assert_allclose(metrics["grad_norm"], full["grad_norm"], rtol=1e-1)
   assert cfg.dtype == "bfloat16"
+
+
+def test_adafactor_first_step_matches_numpy():
+  # Unfactored (dims < 128) first step: the second-moment decay is 1 - 1^-0.8 = 0, so the
+  # update direction is g / sqrt(g^2 + 1e-30) = sign(g) (RMS 1: no update clipping), scaled by
+  # lr * max(RMS(param), 1e-3) (multiply_by_parameter_scale), after global-norm clipping.
+  cfg = train_lib.OptimizerConfig(name="adafactor", learning_rate=0.5, schedule="constant",
+                                  warmup_steps=0, clip_norm=1.0)
+  tx = train_lib.make_optimizer(cfg)
+  rng = np.random.default_rng(6)
+  params = {"w": rng.normal(size=(3, 2)).astype(np.float32),
+            "tiny": np.full((4,), 1e-5, np.float32)}
+  grads = {"w": rng.normal(size=(3, 2)).astype(np.float32) * 5,
+           "tiny": rng.normal(size=(4,)).astype(np.float32)}
+  updates, _ = tx.update(grads, tx.init(params), params)
+  for k in params:
+    scale = max(np.sqrt(np.mean(params[k].astype(np.float64) ** 2)), 1e-3)
+    np.testing.assert_allclose(updates[k], -0.5 * scale * np.sign(grads[k]), rtol=1e-5)
+
+
+def test_task_for_knows_every_architecture():
+  assert train_lib.task_for("decoder").name == "lm"
+  assert train_lib.task_for("encoder_decoder", z_loss=1e-4).name == "lm"
+  assert train_lib.task_for("encoder").name == "mlm"
+  assert train_lib.task_for("classifier").name == "classify"
+  assert train_lib.task_for("mae").name == "mae"
+  with pytest.raises(ValueError, match="architecture='moe'"):
+    train_lib.task_for("moe")

@@ -65,7 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(steps=200, checkpoint_every=0))
 
   c.readouts = ml_collections.ConfigDict(dict(
-      chunk_length=112, num_sequences=128, batch_size=64, infill_seed=1234))
+      chunk_length=44, num_sequences=256, batch_size=64, infill_seed=1234))
   c.finetune = ml_collections.ConfigDict(dict(
       steps=40, batch_size=16, learning_rate=1e-3, schedule="constant", warmup_steps=5,
       end_learning_rate_fraction=1.0, weight_decay=0.0, b2=0.98, clip_norm=1.0,
@@ -100,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                         dtype="bfloat16"))
     c.optimizer.update(dict(learning_rate=1e-3, warmup_steps=300))
     c.train.update(dict(steps=3000, checkpoint_every=1000))
-    c.readouts.update(dict(chunk_length=448, num_sequences=512, batch_size=64))
+    c.readouts.update(dict(chunk_length=184, num_sequences=1024, batch_size=64))
     c.finetune.update(dict(steps=500, batch_size=64, max_body_bytes=384, max_name_bytes=32,
                            num_eval=512, decode_batch_size=256))
   elif arg == "pod":
@@ -114,7 +114,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                         dtype="bfloat16"))
     c.optimizer.update(dict(learning_rate=1e-3, warmup_steps=1000))
     c.train.update(dict(steps=20000, checkpoint_every=1000))
-    c.readouts.update(dict(chunk_length=896, num_sequences=2048, batch_size=256))
+    c.readouts.update(dict(chunk_length=368, num_sequences=2048, batch_size=256))
     # SentencePiece pieces are several bytes: 384-byte bodies fit 1024 tokens with room.
     c.finetune.update(dict(steps=2000, batch_size=256, max_body_bytes=384, max_name_bytes=32,
                            num_eval=512, decode_batch_size=512))
