@@ -17,14 +17,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import warnings
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from seqlab import workdir as workdir_lib
 
 _STATE, _DATA, _META = "state", "data", "meta"
 
@@ -121,7 +123,7 @@ class Checkpointer:
       raise ValueError(f"max_to_keep={max_to_keep} must be >= 1")
     if best_mode not in ("min", "max"):
       raise ValueError(f"best_mode={best_mode!r} is not 'min' or 'max'")
-    self.directory = os.path.abspath(directory)
+    self.directory = workdir_lib.resolve(directory)  # a gs:// URL stays as it is
     self.best_metric = best_metric
     self.skipped_steps: list[int] = []
     policies = [pp.LatestN(max_to_keep)]
@@ -234,13 +236,13 @@ class Checkpointer:
     """
     moved = []
     for step in self.skipped_steps:
-      source = os.path.join(self.directory, str(step))
+      source = workdir_lib.join(self.directory, str(step))
       target = f"{source}.corrupt"
-      if jax.process_index() == 0 and os.path.isdir(source):
+      if jax.process_index() == 0 and workdir_lib.isdir(source):
         suffix = 1
-        while os.path.exists(target):
+        while epath.Path(target).exists():
           target, suffix = f"{source}.corrupt{suffix}", suffix + 1
-        os.rename(source, target)
+        workdir_lib.rename(source, target)
         moved.append(target)
     self.skipped_steps = []
     if moved:
@@ -250,7 +252,7 @@ class Checkpointer:
 
 def read_config(directory: str) -> dict | None:
   """The config saved with the newest readable checkpoint in `directory`, or None."""
-  if not os.path.isdir(directory):
+  if not workdir_lib.isdir(directory):
     return None
   ckpt = Checkpointer(directory, async_save=False)
   try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 
 
@@ -47,11 +46,11 @@ def _parse(argv):
 
 def _saved_config(workdir: str):
   import ml_collections  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  from seqlab import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  path = workdir_lib.join(workdir, "config.json")
+  if not workdir_lib.isfile(path):
     raise ValueError(f"workdir={workdir!r} has no config.json; run `seqlab train` first")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(workdir_lib.read_text(path)))
 
 
 def _round(values: dict) -> dict:

@@ -11,8 +11,10 @@ Config fields read here (see `experiments/configs/tiny.py` for a complete file):
 `optimizer.*` (`seqlab.train.OptimizerConfig`), `train.*` (steps, log/eval/checkpoint
 intervals, `accum_steps`, `task_kwargs`, `max_to_keep`, optional `best_metric`),
 `mesh.*` (strategy "data" | "fsdp", data x fsdp sizes, FSDP logical `rules`) and
-`distributed.*` (coordinator_address, num_processes, process_id; num_processes > 1 joins a
-multi-process run).
+`distributed.*` (`initialize=True`: `jax.distributed.initialize()` with no arguments, which
+finds the processes itself on TPU pods and SLURM; or explicit coordinator_address,
+num_processes, process_id: num_processes > 1 joins that multi-process run). A `workdir` may be
+a cloud-storage URL (`gs://bucket/run`; `seqlab.workdir`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import math
-import os
 import signal
 import sys
 import time
@@ -31,6 +32,7 @@ import ml_collections
 import numpy as np
 
 from seqlab import checkpoint, flops, models, monitor, parallel
+from seqlab import workdir as workdir_lib
 from seqlab import metrics as metrics_lib
 from seqlab import train as train_lib
 
@@ -239,9 +241,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   # ── Mesh ──
   dist = config.get("distributed", ml_collections.ConfigDict())
-  if int(dist.get("num_processes", 0) or 0) > 1:
-    parallel.initialize_distributed(dist.coordinator_address, int(dist.num_processes),
-                                    int(dist.process_id))
+  explicit = int(dist.get("num_processes", 0) or 0) > 1
+  if bool(dist.get("initialize", False)) and explicit:
+    raise ValueError("distributed.initialize=True discovers the processes itself (TPU pods, "
+                     "SLURM); do not also set distributed.num_processes="
+                     f"{dist.num_processes}")
+  if not jax.distributed.is_initialized():
+    if explicit:
+      parallel.initialize_distributed(dist.coordinator_address, int(dist.num_processes),
+                                      int(dist.process_id))
+    elif bool(dist.get("initialize", False)):
+      parallel.initialize_distributed()  # jax.distributed.initialize() with no arguments
   mesh = parallel.make_mesh(int(config.mesh.data), int(config.mesh.fsdp))
   strategy = config.mesh.strategy
   if strategy not in parallel.STRATEGIES:
@@ -278,7 +288,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state_sharding)
 
   # ── Checkpoint ── (a mismatching checkpoint raises here, before anything is written)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
+  workdir = workdir_lib.resolve(workdir)
+  ckpt_dir = workdir_lib.join(workdir, "checkpoints")
   best_metric = config.train.get("best_metric", None) or None
   ckpt = checkpoint.Checkpointer(ckpt_dir, max_to_keep=int(config.train.max_to_keep),
                                  best_metric=best_metric,
@@ -298,8 +309,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     else:
       state, start_step = None, 0
     if process_index == 0:
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+      workdir_lib.write_text(workdir_lib.join(workdir, "config.json"),
+                             config.to_json_best_effort(indent=2, sort_keys=True))
 
     # ── Update ── (the initialiser and the train step compile at once, in two threads)
     total_steps = int(config.train.steps)
@@ -417,7 +428,7 @@ def last_values(history: list[dict[str, float]]) -> dict[str, float]:
 def restore_params(config: ml_collections.ConfigDict, workdir: str):
   """(experiment, params, step) of the newest readable checkpoint in `workdir` (one device)."""
   experiment = build(config)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  ckpt = checkpoint.Checkpointer(workdir_lib.join(workdir, "checkpoints"), async_save=False)
   try:
     restored = ckpt.restore(jax.eval_shape(experiment.init))
   finally:

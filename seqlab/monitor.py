@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqlab import flops
+from seqlab import workdir as workdir_lib
 
 _measured_cpu_peak: float | None = None
 
@@ -69,15 +72,31 @@ def _summary_writer(logdir: str):
 
 
 class MetricWriter:
-  """Appends metrics to `metrics.jsonl` and TensorBoard event files under `workdir`."""
+  """Appends metrics to `metrics.jsonl` and TensorBoard event files under `workdir`.
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  A cloud-storage work directory (`gs://...`) cannot be appended to: the files are written in a
+  local scratch directory and copied over their remote counterparts at most every
+  `mirror_every_s` seconds and at `close()`.
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True, mirror_every_s: float = 60.0):
     self.enabled = enabled and jax.process_index() == 0
     self._tb = None
+    self._remote = workdir if workdir_lib.is_remote(workdir) else None
+    self._mirror_every_s, self._mirrored_at = mirror_every_s, time.monotonic()
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self._tb = _summary_writer(os.path.join(workdir, "tensorboard"))
+      if self._remote:
+        local = tempfile.mkdtemp(prefix="seqlab_metrics_")
+        # Resume appends to what the earlier run wrote.
+        previous = workdir_lib.join(self._remote, "metrics.jsonl")
+        if workdir_lib.isfile(previous):
+          workdir_lib.copy(previous, os.path.join(local, "metrics.jsonl"))
+      else:
+        local = workdir
+      self._local = local
+      os.makedirs(local, exist_ok=True)
+      self._jsonl = open(os.path.join(local, "metrics.jsonl"), "a")
+      self._tb = _summary_writer(os.path.join(local, "tensorboard"))
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self.enabled:
@@ -87,11 +106,26 @@ class MetricWriter:
     self._jsonl.flush()
     for k, v in clean.items():
       self._tb.add_scalar(k, v, int(step))
+    if self._remote and time.monotonic() - self._mirrored_at >= self._mirror_every_s:
+      self._mirror()
+
+  def _mirror(self) -> None:
+    """Copies every local file over its remote counterpart (same relative path)."""
+    self._tb.flush()
+    for root, _, names in os.walk(self._local):
+      for name in names:
+        source = os.path.join(root, name)
+        relative = os.path.relpath(source, self._local)
+        workdir_lib.copy(source, workdir_lib.join(self._remote, *relative.split(os.sep)))
+    self._mirrored_at = time.monotonic()
 
   def close(self) -> None:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+      if self._remote:
+        self._mirror()
+        shutil.rmtree(self._local, ignore_errors=True)
 
 
 class Progress:

@@ -2,7 +2,9 @@
 
 Usage: _multihost_worker.py COORDINATOR_ADDRESS PROCESS_ID WORKDIR OUT_JSON
 Trains the tiny decoder for a few steps through `seqlab.loop.train_and_evaluate` with the
-config's `distributed.*` fields; each process feeds its own rows of the global batch. Process 0
+config's `distributed.*` fields; each process feeds its own rows of the global batch. With
+COORDINATOR_ADDRESS "auto" the config sets `distributed.initialize=True` and JAX finds the
+processes itself, from the SLURM variables the test puts in the environment. Process 0
 writes the logged losses to OUT_JSON. Used by tests/test_multihost.py.
 """
 
@@ -33,9 +35,12 @@ OVERRIDES = ("data.seq_length=64", "optimizer.eps=1e-6", "train.steps=4", "train
 def main():
   address, process_id, workdir, out = sys.argv[1:5]
   config = config_lib.load_config(os.path.join(ROOT, "experiments", "configs", "tiny.py"))
-  config = config_lib.apply_overrides(config, [
-      *OVERRIDES, f"distributed.coordinator_address={address}",
-      "distributed.num_processes=2", f"distributed.process_id={process_id}"])
+  if address == "auto":
+    joining = ["distributed.initialize=True"]
+  else:
+    joining = [f"distributed.coordinator_address={address}", "distributed.num_processes=2",
+               f"distributed.process_id={process_id}"]
+  config = config_lib.apply_overrides(config, [*OVERRIDES, *joining])
   result = loop.train_and_evaluate(config, workdir)
   if jax.process_index() == 0:
     with open(out, "w") as f:

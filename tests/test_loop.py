@@ -135,3 +135,11 @@ def test_matmul_peak_is_a_plausible_rate():
   peak = monitor.measure_matmul_peak(size=256, repeats=3)
   assert 1e8 < peak < 1e14  # between a slow laptop core and a whole accelerator
   assert monitor.device_peak_flops() > 1e8
+
+
+def test_automatic_and_explicit_distributed_setup_exclude_each_other(tmp_path):
+  config = _helpers.tiny_config("", "distributed.initialize=True",
+                                "distributed.num_processes=2")
+  with pytest.raises(ValueError, match=r"distributed.initialize=True .*distributed.num_processes=2"):
+    loop.train_and_evaluate(config, str(tmp_path))
+  assert not list(tmp_path.iterdir())  # nothing written

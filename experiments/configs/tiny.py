@@ -62,6 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # data / fsdp are mesh sizes (-1 = the remaining devices); rules = FSDP logical-axis rules,
   # empty for the largest-divisible-dimension heuristic.
   config.mesh = ml_collections.ConfigDict(dict(strategy="data", data=-1, fsdp=1, rules=()))
+  # initialize=True: jax.distributed.initialize() with no arguments (TPU pods, SLURM find the
+  # processes themselves); or an explicit coordinator with num_processes > 1.
   config.distributed = ml_collections.ConfigDict(dict(
-      coordinator_address="", num_processes=0, process_id=0))
+      initialize=False, coordinator_address="", num_processes=0, process_id=0))
   return config
