@@ -160,3 +160,29 @@ def test_nsp_pair_bad_input():
   with pytest.raises(ValueError, match="special.cls and special.sep"):
     objectives.nsp_pair(good, good, rng, special=objectives.SpecialIds(vocab_size=100),
                         max_length=64)
+
+
+def test_nsp_pair_calls_a_random_document_function_only_for_not_next():
+  # A function in place of random_sentences gives the same pairs from the same generator
+  # state, and is called exactly once per NotNext pair (the pipeline reads a document there).
+  sentences = [np.arange(100 * i + 10, 100 * i + 10 + n) for i, n in enumerate([4, 7, 3, 5])]
+  others = [np.arange(20000 + 50 * i, 20000 + 50 * i + 8) for i in range(6)]
+  calls = []
+
+  def random_document():
+    calls.append(1)
+    return others
+
+  rng_list, rng_fn = np.random.default_rng(3), np.random.default_rng(3)
+  not_next = 0
+  for _ in range(300):
+    expected = objectives.nsp_pair(sentences, others, rng_list, special=SPECIAL, max_length=24)
+    got = objectives.nsp_pair(sentences, random_document, rng_fn, special=SPECIAL,
+                              max_length=24)
+    for key in expected:
+      np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+    not_next += int(expected["nsp_label"])
+  assert 100 < not_next < 200 and len(calls) == not_next
+  with pytest.raises(ValueError, match="random_sentences is empty"):
+    objectives.nsp_pair([np.arange(10, 15)], lambda: [], np.random.default_rng(0),
+                        special=SPECIAL, max_length=64)

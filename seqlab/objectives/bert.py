@@ -6,11 +6,14 @@ replacement among the non-reserved positions, rather than a Bernoulli draw per t
 Hugging Face's collator; the candidates exclude every reserved id (pad, eos, unk, [MASK],
 [CLS], [SEP], mode tokens, sentinels), where Google excludes only [CLS] and [SEP]. Random
 replacements are drawn uniformly from `SpecialIds.regular_ids`, never a special id.
+
+`nsp_pair` builds one next-sentence pair from sentence-split documents; the grain pipeline's
+"mlm_nsp" objective (`seqlab.data.pipeline`) runs it, then `mlm`, on every run of sentences.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -95,7 +98,13 @@ def _truncate(tokens: np.ndarray, remove: int, rng: np.random.Generator) -> np.n
   return tokens[front:tokens.size - (remove - front)]
 
 
-def nsp_pair(sentences: Sequence[Any], random_sentences: Sequence[Any],
+def _check_random_sentences(random_sentences: Sequence[Any]) -> None:
+  if len(random_sentences) == 0:
+    raise ValueError("random_sentences is empty; nsp_pair needs a document to draw NotNext from")
+
+
+def nsp_pair(sentences: Sequence[Any],
+             random_sentences: Sequence[Any] | Callable[[], Sequence[Any]],
              rng: np.random.Generator, *, special: SpecialIds, max_length: int,
              is_next_prob: float = 0.5) -> dict[str, np.ndarray]:
   """BERT next-sentence pair: {"inputs", "token_type_ids": int32[L], "nsp_label": int32[]}.
@@ -109,6 +118,10 @@ def nsp_pair(sentences: Sequence[Any], random_sentences: Sequence[Any],
   `max_length - 3` tokens (the longer side loses a token from a random end, B on ties).
   inputs = [CLS] A [SEP] B [SEP]; token_type_ids are 0 on [CLS] A [SEP] and 1 on B [SEP].
   Run `mlm` on `inputs` next: [CLS] and [SEP] are reserved and never selected.
+
+  `random_sentences` may also be a zero-argument function returning them, called only for a
+  NotNext pair (so a pipeline reads a random document only when it needs one); of the random
+  document, only the sentences B reads are converted and checked.
   """
   if special.cls is None or special.sep is None:
     raise ValueError("special.cls and special.sep must be set for nsp_pair")
@@ -119,15 +132,11 @@ def nsp_pair(sentences: Sequence[Any], random_sentences: Sequence[Any],
     raise ValueError(f"is_next_prob={is_next_prob!r} must be in [0, 1]")
   if len(sentences) == 0:
     raise ValueError("sentences is empty; nsp_pair needs at least one sentence")
-  if len(random_sentences) == 0:
-    raise ValueError("random_sentences is empty; nsp_pair needs a document to draw NotNext from")
+  if not callable(random_sentences):
+    _check_random_sentences(random_sentences)
   sentences = [
       as_tokens(s, name=f"sentences[{i}]", vocab_size=special.vocab_size, objective="nsp_pair")
       for i, s in enumerate(sentences)
-  ]
-  random_sentences = [
-      as_tokens(s, name=f"random_sentences[{i}]", vocab_size=special.vocab_size,
-                objective="nsp_pair") for i, s in enumerate(random_sentences)
   ]
   max_tokens = max_length - 3
 
@@ -137,10 +146,15 @@ def nsp_pair(sentences: Sequence[Any], random_sentences: Sequence[Any],
   if is_next:
     tokens_b = np.concatenate(sentences[a_end:])
   else:
+    if callable(random_sentences):
+      random_sentences = random_sentences()
+      _check_random_sentences(random_sentences)
     target_b_length = max_tokens - tokens_a.size
     start = int(rng.integers(len(random_sentences)))
     pieces, total = [], 0
-    for sentence in random_sentences[start:]:
+    for j in range(start, len(random_sentences)):
+      sentence = as_tokens(random_sentences[j], name=f"random_sentences[{j}]",
+                           vocab_size=special.vocab_size, objective="nsp_pair")
       pieces.append(sentence)
       total += sentence.size
       if total >= target_b_length:
