@@ -19,12 +19,13 @@ READOUTS = (
     ("infill_nll", "(b) infilling NLL, span tokens ↓", True),
     ("infill_nll_with_sentinels", "(b) infilling NLL, all targets ↓", True),
     ("exact_match", "(c) name exact match ↑", False),
+    ("name_chrf", "(c) name chrF ↑", False),
     ("name_nll", "(c) name NLL ↓", True),
 )
 CSV_COLUMNS = ("architecture", "objective", "seed", "params", "train_flops_per_token",
                "train_tokens", "train_steps", "final_train_loss", "continuation_nll",
                "infill_nll", "infill_nll_with_sentinels", "name_nll", "exact_match",
-               "pretrain_seconds", "cell_seconds")
+               "name_chrf", "name_rouge_l", "name_bleu", "pretrain_seconds", "cell_seconds")
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: str) -> None:
@@ -76,6 +77,8 @@ def best_cells(summary: Sequence[Mapping[str, Any]]) -> dict[str, set[int]]:
 def _fmt(mean: float, std: float, column: str) -> str:
   if column == "exact_match":
     return f"{100 * mean:.1f} ± {100 * std:.1f}"
+  if column == "name_chrf":  # already 0-100
+    return f"{mean:.1f} ± {std:.1f}"
   return f"{mean:.3f} ± {std:.3f}"
 
 
@@ -130,7 +133,7 @@ def plot(summary: Sequence[Mapping[str, Any]], path: str, *, title: str) -> None
     ax.set_xticklabels(objectives, rotation=20, fontsize=8)
     ax.set_title(label + (" (%)" if column == "exact_match" else ""), fontsize=9)
     finite = [e[column][0] * scale for e in summary if math.isfinite(e[column][0])]
-    if finite and column != "exact_match":  # NLL bars differ in the last digits: zoom in
+    if finite and column.endswith("nll"):  # NLL bars differ in the last digits: zoom in
       low, high = min(finite), max(finite)
       ax.set_ylim(max(0.0, low - 0.25 * (high - low + 1e-3)), high + 0.25 * (high - low + 1e-3))
   axes[0].legend(fontsize=7)

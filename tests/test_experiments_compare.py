@@ -57,6 +57,8 @@ def test_smoke_run_writes_every_output_and_resumes(tmp_path, monkeypatch):
       # An untrained byte model sits near log(512) = 6.24 nats; a broken readout would not.
       assert 3.0 < float(row[column]) < 9.0, (column, row[column])
     assert 0.0 <= float(row["exact_match"]) <= 1.0
+    assert 0.0 <= float(row["name_rouge_l"]) <= 1.0
+    assert 0.0 <= float(row["name_chrf"]) <= 100.0 and 0.0 <= float(row["name_bleu"]) <= 100.0
     assert int(row["train_tokens"]) == (config.train.steps * config.data.batch_size
                                         * config.data.seq_length)
   cells = {c.name: c for c in grid.plan(config, BYTE_SPECIAL)}
@@ -348,7 +350,8 @@ def test_aggregate_and_markdown_mark_the_best_per_column():
   def row(arch, objective, seed, cont, infill, em, name):
     return {"architecture": arch, "objective": objective, "seed": seed, "params": 1000,
             "train_flops_per_token": 2e6, "continuation_nll": cont, "infill_nll": infill,
-            "infill_nll_with_sentinels": infill + 1, "exact_match": em, "name_nll": name}
+            "infill_nll_with_sentinels": infill + 1, "exact_match": em, "name_nll": name,
+            "name_chrf": 100 * em}
 
   rows = [row("a", "x", 0, 1.0, 5.0, 0.10, 2.0), row("a", "x", 1, 3.0, 5.0, 0.30, 2.0),
           row("b", "y", 0, 2.5, 4.0, 0.05, 1.0)]
@@ -360,6 +363,26 @@ def test_aggregate_and_markdown_mark_the_best_per_column():
   table = report.markdown_table(summary).splitlines()
   assert "**2.000 ± 1.414**" in table[2]  # lower continuation NLL is better
   assert "**20.0 ± 14.1**" in table[2]  # higher exact match is better (in %)
+  assert table[2].count("**20.0 ± 14.1**") == 2  # chrF: already 0-100
   assert "**4.000 ± 0.000**" in table[3] and "**1.000 ± 0.000**" in table[3]
   assert "**5.000 ± 0.000**" in table[3]  # all targets: infill + 1
   assert table[3].count("**") == 6
+
+
+def test_names_are_scored_with_seqlab_metrics():
+  predictions = ["get_value", "foo", "", "parseHTTPHeader"]
+  references = ["get_value", "foo_bar", "baz", "parse_http_header"]
+  scores = cells_lib.score_names(predictions, references)
+  assert scores["exact_match"] == 0.25
+  # ROUGE-L F1 by hand over rouge-score's tokens (lower-cased, split at non-alphanumerics):
+  # 1; "foo" vs "foo bar": P 1, R 1/2, F 2/3; "" vs "baz": 0; "parsehttpheader" vs
+  # "parse http header": 0.
+  assert scores["name_rouge_l"] == pytest.approx((1 + 2 / 3 + 0 + 0) / 4)
+  import sacrebleu  # pylint: disable=g-import-not-at-top
+  assert scores["name_chrf"] == pytest.approx(
+      sacrebleu.corpus_chrf(predictions, [references]).score)
+  assert cells_lib.name_parts("parseHTTPHeader_2") == "parse HTTP Header 2"
+  assert cells_lib.name_parts("__init__") == "init"
+  assert scores["name_bleu"] == pytest.approx(sacrebleu.corpus_bleu(
+      ["get value", "foo", "", "parse HTTP Header"],
+      [["get value", "foo bar", "baz", "parse http header"]]).score)
