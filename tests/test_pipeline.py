@@ -477,7 +477,7 @@ def test_nsp_rows_by_hand():
 
 
 def test_split_sentences_keeps_the_text():
-  from seqlab.data.pipeline import split_sentences  # pylint: disable=g-import-not-at-top
+  from seqlab.data.sentence_pairs import split_sentences  # pylint: disable=g-import-not-at-top
   assert split_sentences("\n \nab\ncd\n\n  \nef") == ["\n \nab\n", "cd\n\n  \n", "ef"]
   assert split_sentences("a\r\nb\rc") == ["a\r\n", "b\r", "c"]
   assert split_sentences("") == [] and split_sentences(" \n\t\n") == []
