@@ -133,7 +133,7 @@ def plot(summary: Sequence[Mapping[str, Any]], path: str, *, title: str) -> None
     ax.set_xticklabels(objectives, rotation=20, fontsize=8)
     ax.set_title(label + (" (%)" if column == "exact_match" else ""), fontsize=9)
     finite = [e[column][0] * scale for e in summary if math.isfinite(e[column][0])]
-    if finite and column.endswith("nll"):  # NLL bars differ in the last digits: zoom in
+    if finite and "nll" in column:  # NLL bars differ in the last digits: zoom in
       low, high = min(finite), max(finite)
       ax.set_ylim(max(0.0, low - 0.25 * (high - low + 1e-3)), high + 0.25 * (high - low + 1e-3))
   axes[0].legend(fontsize=7)
