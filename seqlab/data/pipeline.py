@@ -55,7 +55,7 @@ import numpy as np
 
 from seqlab import features as features_lib
 from seqlab import objectives as obj
-from seqlab.data import sentence_pairs
+from seqlab.data import documents, sentence_pairs
 
 OBJECTIVES = ("full_lm", "prefix_lm", "mlm", "mlm_nsp", "span_corruption", "ul2")
 ENCODER_OBJECTIVES = ("mlm", "mlm_nsp")
@@ -253,7 +253,7 @@ class StreamSource(grain.IterDataset):
     return StreamSourceIterator(*self._args)
 
 
-class _ChunkIterator(grain.DatasetIterator):
+class _ChunkIterator(documents.DocumentBufferIterator):
   """Concatenates tokenized documents and cuts `chunk_length` chunks (module doc, stage 3).
 
   After a chunk is emitted, the buffer holds the tail of at most one document, so the state is
@@ -261,33 +261,12 @@ class _ChunkIterator(grain.DatasetIterator):
   """
 
   def __init__(self, parent, chunk_length: int, concatenate: bool, max_bad_in_a_row: int):
-    super().__init__(parent)
+    super().__init__(parent, max_bad_in_a_row)
     self._n = chunk_length
     self._concatenate = concatenate
-    self._max_bad_in_a_row = max_bad_in_a_row
-    self._doc_state = None  # parent state before the document in the buffer
-    self._doc = None
-    self._offset = 0
 
-  def _next_document(self, counts: collections.Counter) -> bool:
-    """Loads the next usable document into the buffer; False at the end of the parent."""
-    bad_in_a_row = 0
-    while True:
-      state = self._parent.get_state()
-      try:
-        element = next(self._parent)
-      except StopIteration:
-        return False
-      counts["documents"] += 1
-      if element["status"]:
-        counts[element["status"]] += 1
-        bad_in_a_row += 1
-        if bad_in_a_row >= self._max_bad_in_a_row:  # e.g. an image source: would spin forever
-          raise ValueError(f"{bad_in_a_row} documents in a row are unusable "
-                           f"({element['status']}); is the source a text source?")
-        continue
-      self._doc_state, self._doc, self._offset = state, element["tokens"], 0
-      return True
+  def _buffer(self, element):
+    return element["tokens"]
 
   def __next__(self):
     counts = collections.Counter()
@@ -315,18 +294,6 @@ class _ChunkIterator(grain.DatasetIterator):
         return {"tokens": np.zeros(0, np.int32), "counts": dict(counts)}
       raise StopIteration
     return {"tokens": np.concatenate(pieces), "counts": dict(counts)}
-
-  def get_state(self):
-    return {"parent": self._doc_state if self._doc is not None else self._parent.get_state(),
-            "offset": int(self._offset), "has_document": self._doc is not None}
-
-  def set_state(self, state):
-    self._parent.set_state(state["parent"])
-    self._doc, self._offset, self._doc_state = None, 0, None
-    if state["has_document"]:
-      self._doc_state = state["parent"]
-      self._doc = next(self._parent)["tokens"]
-      self._offset = state["offset"]
 
 
 class _Chunk(grain.IterDataset):

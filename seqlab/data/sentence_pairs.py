@@ -47,6 +47,7 @@ import numpy as np
 
 from seqlab import features as features_lib
 from seqlab import objectives as obj
+from seqlab.data import documents
 
 NSP_OPTIONS = ("is_next_prob",)
 # A NotNext pair gives up after this many unusable random documents in a row (Google's loop
@@ -143,45 +144,23 @@ class _TokenizedSentences(Sequence):
     return self._tokenizer.encode(self._sentences[j])
 
 
-class SentenceRunIterator(grain.DatasetIterator):
+class SentenceRunIterator(documents.DocumentBufferIterator):
   """Cuts each document into runs of whole sentences (stage 3).
 
   As Google's `create_instances_from_document`: sentences join the run until it holds at
-  least `run_length` tokens or the document ends. The state is that of the pipeline's
-  `_ChunkIterator` (the parent state before the document in the buffer, and the offset into
+  least `run_length` tokens or the document ends. The state is `DocumentBufferIterator`'s
+  (the parent state before the document in the buffer, and the offset into
   it), with the offset counting sentences; restoring re-reads the document.
   """
 
   def __init__(self, parent, run_length: int, max_bad_in_a_row: int):
-    super().__init__(parent)
+    super().__init__(parent, max_bad_in_a_row)
     self._run_length = run_length
-    self._max_bad_in_a_row = max_bad_in_a_row
-    self._doc_state = None  # parent state before the document in the buffer
-    self._doc = None  # the document's element: tokens, sentence lengths, index
-    self._offset = 0
 
-  def _next_document(self, counts: collections.Counter) -> bool:
-    """Loads the next usable document into the buffer; False at the end of the parent."""
-    bad_in_a_row = 0
-    while True:
-      state = self._parent.get_state()
-      try:
-        element = next(self._parent)
-      except StopIteration:
-        return False
-      counts["documents"] += 1
-      if element["status"]:
-        counts[element["status"]] += 1
-        bad_in_a_row += 1
-        if bad_in_a_row >= self._max_bad_in_a_row:  # e.g. an image source: would spin forever
-          hint = ("next-sentence pairs need documents of at least 2 non-blank lines"
-                  if element["status"] == "single_sentence_documents"
-                  else "is the source a text source?")
-          raise ValueError(f"{bad_in_a_row} documents in a row are unusable "
-                           f"({element['status']}); {hint}")
-        continue
-      self._doc_state, self._doc, self._offset = state, element, 0
-      return True
+  def _unusable_hint(self, status: str) -> str:
+    if status == "single_sentence_documents":
+      return "next-sentence pairs need documents of at least 2 non-blank lines"
+    return super()._unusable_hint(status)
 
   def __next__(self):
     counts = collections.Counter()
@@ -201,18 +180,6 @@ class SentenceRunIterator(grain.DatasetIterator):
     self._offset = last
     return {"tokens": self._doc["tokens"][start:start + size], "lengths": lengths[first:last],
             "index": int(self._doc["index"]), "counts": dict(counts)}
-
-  def get_state(self):
-    return {"parent": self._doc_state if self._doc is not None else self._parent.get_state(),
-            "offset": int(self._offset), "has_document": self._doc is not None}
-
-  def set_state(self, state):
-    self._parent.set_state(state["parent"])
-    self._doc, self._offset, self._doc_state = None, 0, None
-    if state["has_document"]:
-      self._doc_state = state["parent"]
-      self._doc = next(self._parent)
-      self._offset = state["offset"]
 
 
 class SentenceRuns(grain.IterDataset):
