@@ -11,6 +11,7 @@ row with no allowed key outputs exactly zero, with finite gradients.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -28,13 +29,18 @@ _MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
 
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
-# The XLA path computes attention in blocks of about this many bytes of float32 logits (one kv
-# head, its G query heads, a chunk of queries, all keys) once the full logits would be more than
-# 4 blocks. A block stays in cache and its buffers are reused by the loop, where the full logits
-# would stream through memory several times (and be freshly allocated on every call): on a CPU
-# this halves the time of a 1024-token layer, and GQA then reads each K/V block once for its G
-# query heads.
+# The XLA path computes attention whole (all logits of a layer, or of a causal chunk, at once) up
+# to _WHOLE_LOGITS_BYTES of float32 logits, and beyond that in blocks of about _BLOCK_BYTES (one
+# kv head, its G query heads, a chunk of queries, all keys) in a loop. A block stays in cache and
+# its buffers are reused, where big whole logits stream through memory several times: on a CPU
+# blocks halve a 1024-token prefill with N = 16 heads (256 MB of logits). Below the threshold
+# the loop's per-block overhead costs more than it saves: a training step of 16 x 256 tokens
+# with 4 heads (16 MB) takes 38 ms whole against 61 ms blocked per layer.
 _BLOCK_BYTES = 1 << 20
+_WHOLE_LOGITS_BYTES = 1 << 26
+# Causal layers split their queries into up to this many chunks (`_causal_chunks`).
+_MAX_CAUSAL_CHUNKS = 8
+_CAUSAL_CHUNK_ROWS = 128
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,6 +192,120 @@ def _group_heads(x, num_kv_heads: int):
   return x.reshape(*lead, num_kv_heads, heads // num_kv_heads, t, s)
 
 
+def _row_valid(mask):
+  """`[..., 1]` True where a query row may attend some key; None when every row may (static)."""
+  if mask is None:
+    return None
+  row_valid = (np if isinstance(mask, np.ndarray) else jnp).any(mask, axis=-1, keepdims=True)
+  if isinstance(row_valid, np.ndarray) and row_valid.all():
+    return None
+  return row_valid
+
+
+def _softmax_parts(q, k, mask, bias, row_valid, scale: float, logits_eq: str):
+  """(exp(logits - row max), 1 / row sum): softmax = their product; masked entries are 0.
+
+  Subtracting a constant (the row max) leaves softmax unchanged. A row with no allowed key
+  would average all values uniformly; its 1 / sum is defined as 0, so its output is 0.
+  """
+  logits = jnp.einsum(logits_eq, q, k, preferred_element_type=jnp.float32)
+  logits = logits * jnp.float32(scale)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, _MASKED_LOGIT)
+  row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  unnormalized = jnp.exp(logits - row_max)
+  inverse = 1.0 / jnp.sum(unnormalized, axis=-1, keepdims=True)  # sum >= 1: exp(0) is in it
+  if row_valid is not None:
+    inverse = jnp.where(row_valid, inverse, 0.0)
+  return unnormalized, inverse
+
+
+def _attend_inference(q_KGTH, k_KSH, v_KSH, mask, bias, row_valid, scale: float,
+                      keys_transposed: bool):
+  """Forward-only attention `[..., K, G, T, H]` (float32), the softmax normalised after the
+  value matmul: the division then touches [.., T, H] instead of [.., T, S] values."""
+  unnormalized, inverse = _softmax_parts(
+      q_KGTH, k_KSH, mask, bias, row_valid, scale,
+      "...kgth,...khs->...kgts" if keys_transposed else "...kgth,...ksh->...kgts")
+  out_KGTH = jnp.einsum("...kgts,...ksh->...kgth", unnormalized.astype(v_KSH.dtype), v_KSH,
+                        preferred_element_type=jnp.float32)
+  return out_KGTH * inverse
+
+
+def _trainable_forward(q_KRH, k_KSH, v_KSH, mask, bias, row_valid, scale: float):
+  """(out `[..., K, R, H]` float32, probabilities `[..., K, R, S]` float32); R = G * T rows."""
+  unnormalized, inverse = _softmax_parts(q_KRH, k_KSH, mask, bias, row_valid, scale,
+                                         "...krh,...ksh->...krs")
+  probs = unnormalized * inverse
+  out = jnp.einsum("...krs,...ksh->...krh", probs.astype(v_KSH.dtype), v_KSH,
+                   preferred_element_type=jnp.float32)
+  return out, probs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _attend_trainable(q_KRH, k_KSH, v_KSH, mask, bias, row_valid, scale):
+  out, _ = _trainable_forward(q_KRH, k_KSH, v_KSH, mask, bias, row_valid, scale)
+  return out.astype(q_KRH.dtype)
+
+
+def _attend_trainable_fwd(q_KRH, k_KSH, v_KSH, mask, bias, row_valid, scale):
+  out, probs = _trainable_forward(q_KRH, k_KSH, v_KSH, mask, bias, row_valid, scale)
+  return out.astype(q_KRH.dtype), (q_KRH, k_KSH, v_KSH, bias, out, probs)
+
+
+def _attend_trainable_bwd(scale, residuals, g_KRH):
+  """The attention gradient written out, in the layouts the CPU matmuls read in place.
+
+  With P the probabilities kept from the forward pass and O its output: dL = P * (dO V^T -
+  rowsum(dO * O)) is the gradient of the scaled logits (the bias gradient), dQ = scale dL K,
+  and the key / value gradients are computed transposed, dK^T = scale Q^T dL and
+  dV^T = dO^T P, so that the two [R, S]-sized operands are read in their stored layout
+  (autodiff's dV = P^T dO makes XLA transpose P first). About 1.5x faster than autodiff on a
+  CPU (experiments/benchmarks/train_throughput.py).
+  """
+  q_KRH, k_KSH, v_KSH, bias, out, probs = residuals
+  f32 = jnp.float32
+  # Matmul operands keep the input dtype (bfloat16 runs bfloat16 matmuls, float32 accumulate),
+  # except on a CPU, whose dot kernels lack some bfloat16 x bfloat16 -> float32 forms.
+  low = f32 if jax.default_backend() == "cpu" else v_KSH.dtype
+  mm = lambda eq, a, b: jnp.einsum(eq, a.astype(low), b.astype(low), preferred_element_type=f32)
+  g_KRH = g_KRH.astype(f32)
+  d_probs = mm("...krh,...ksh->...krs", g_KRH, v_KSH)
+  row_dot = jnp.sum(g_KRH * out, axis=-1, keepdims=True)
+  d_logits = probs * (d_probs - row_dot)                      # masked entries: P = 0
+  d_q = mm("...krs,...ksh->...krh", d_logits, k_KSH)
+  d_k_T = mm("...krh,...krs->...khs", q_KRH, d_logits)
+  d_v_T = mm("...krh,...krs->...khs", g_KRH, probs)
+  d_bias = None
+  if bias is not None:
+    axes = tuple(i for i, n in enumerate(bias.shape) if n == 1 and d_logits.shape[i] != 1)
+    d_bias = jnp.sum(d_logits, axis=axes, keepdims=True).astype(bias.dtype)
+  return ((d_q * scale).astype(q_KRH.dtype),
+          (jnp.swapaxes(d_k_T, -1, -2) * scale).astype(k_KSH.dtype),
+          jnp.swapaxes(d_v_T, -1, -2).astype(v_KSH.dtype), None, d_bias, None)
+
+
+_attend_trainable.defvjp(_attend_trainable_fwd, _attend_trainable_bwd)
+
+
+def _merge_rows(x, groups: int):
+  """A `[..., K|1, G|1, T|1, S|1]` mask / bias as `[..., K|1, (G*T)|1, S|1]` (rows g * T + t).
+
+  Not for `[..., G, 1, S]` (per-head rows broadcast over T), which `_attend` keeps 5-D.
+  """
+  if x is None:
+    return None
+  *lead, g, t, s = x.shape
+  if g == 1 and t == 1:
+    return x.reshape(*lead, 1, s)
+  xp = np if isinstance(x, np.ndarray) else jnp
+  if groups > 1 and t > 1:
+    x = xp.broadcast_to(x, (*lead, groups, t, s))
+  return x.reshape(*lead, x.shape[-3] * t, s)
+
+
 def _attend(q_KGTH, k_KSH, v_KSH, mask, bias, scale: float, keys_transposed: bool = False):
   """XLA attention in head-major layout; returns [..., K, G, T, H] in the dtype of q.
 
@@ -193,40 +313,37 @@ def _attend(q_KGTH, k_KSH, v_KSH, mask, bias, scale: float, keys_transposed: boo
   `[..., K|1, G|1, T|1, S|1]`. K/V are never repeated: each kv head is contracted with its G
   query heads in one matmul of G*T rows (decode with T = 1 still gets a G-row matmul). Head-major
   operands are what the dot kernels want (batch dims outermost), so XLA adds no copies of the
-  [T, S]-sized tensors; a numpy `mask` is treated as a compile-time constant.
+  [T, S]-sized tensors; a numpy `mask` is treated as a compile-time constant. The gradient is
+  written out (`_attend_trainable_bwd`) rather than left to autodiff.
   """
-  # keys_transposed: k is `[..., K, H, S]`, the layout a CPU batched matmul wants for q . k^T.
-  logits = jnp.einsum("...kgth,...khs->...kgts" if keys_transposed else "...kgth,...ksh->...kgts",
-                      q_KGTH, k_KSH,
-                      preferred_element_type=jnp.float32)
-  logits = logits * jnp.float32(scale)
-  if bias is not None:
-    logits = logits + bias.astype(jnp.float32)
-  row_valid = None
-  if mask is not None:
-    logits = jnp.where(mask, logits, _MASKED_LOGIT)
-    row_valid = (np if isinstance(mask, np.ndarray) else jnp).any(mask, axis=-1, keepdims=True)
-    if isinstance(row_valid, np.ndarray) and row_valid.all():
-      row_valid = None
-  # Softmax normalised after the value matmul: the division then touches [.., T, H] instead of
-  # [.., T, S] values. Subtracting a constant (the detached row max) leaves softmax and its
-  # gradient unchanged.
-  row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-  unnormalized = jnp.exp(logits - row_max)
-  denominator = jnp.sum(unnormalized, axis=-1, keepdims=True)  # >= 1: the max term is exp(0).
-  out_KGTH = jnp.einsum("...kgts,...ksh->...kgth", unnormalized.astype(v_KSH.dtype), v_KSH,
-                        preferred_element_type=jnp.float32)
-  inverse = 1.0 / denominator
-  if row_valid is not None:
-    # A row with no allowed key would average all values uniformly; its output is defined as 0.
-    inverse = jnp.where(row_valid, inverse, 0.0)
-  return (out_KGTH * inverse).astype(q_KGTH.dtype)
+  # keys_transposed: k is `[..., K, H, S]`, the layout a CPU batched matmul wants for q . k^T
+  # (the KV cache's; inference only).
+  row_valid = _row_valid(mask)
+  *lead, num_kv_heads, groups, q_len, head_dim = q_KGTH.shape
+  per_head_rows = any(x is not None and x.shape[-3] > 1 and x.shape[-2] == 1
+                      for x in (mask, bias))
+  if keys_transposed or per_head_rows:
+    out = _attend_inference(q_KGTH, k_KSH, v_KSH, mask, bias, row_valid, scale,
+                            keys_transposed)
+    return out.astype(q_KGTH.dtype)
+  rows = lambda x: None if x is None else jnp.asarray(_merge_rows(x, groups))
+  out = _attend_trainable(q_KGTH.reshape(*lead, num_kv_heads, groups * q_len, head_dim),
+                          k_KSH, v_KSH, rows(mask), rows(bias), rows(row_valid), float(scale))
+  return out.reshape(q_KGTH.shape)
 
 
-def _attend_xla(q, k_BKSH, v_BKSH, mask, bias, scale: float, keys_transposed: bool = False):
+def _causal_chunks(length: int) -> int:
+  """Query chunks of a causal layer: one per 128 queries, at most 8 (0.56 of the logits)."""
+  return max(1, min(_MAX_CAUSAL_CHUNKS, length // _CAUSAL_CHUNK_ROWS))
+
+
+def _attend_xla(q, k_BKSH, v_BKSH, mask, bias, scale: float, keys_transposed: bool = False,
+                is_causal: bool = False):
   """`_attend` for q [B,T,N,H], head-major k/v [B,K,S,H], mask/bias [B|1, N|1, T|1, S|1].
 
-  keys_transposed: k is `[B, K, H, S]` instead.
+  keys_transposed: k is `[B, K, H, S]` instead. is_causal (T == S): the mask is ANDed with the
+  causal mask, and the queries are split into chunks that each read only the keys up to their
+  last row, so the all-masked blocks above the diagonal are never computed.
   """
   batch, q_len, num_heads, head_dim = q.shape
   num_kv_heads, kv_len = v_BKSH.shape[1], v_BKSH.shape[2]
@@ -234,12 +351,35 @@ def _attend_xla(q, k_BKSH, v_BKSH, mask, bias, scale: float, keys_transposed: bo
   q_KGTH = q.reshape(batch, q_len, num_kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
   mask = None if mask is None else _group_heads(mask, num_kv_heads)
   bias = None if bias is None else _group_heads(bias, num_kv_heads)
-  if batch * num_heads * q_len * kv_len * 4 > 4 * _BLOCK_BYTES:
-    chunk = max(1, _BLOCK_BYTES // (4 * kv_len * groups))
-    out_KGTH = _attend_blocked(q_KGTH, k_BKSH, v_BKSH, mask, bias, scale, min(chunk, q_len),
-                               keys_transposed)
+
+  def attend(q_KGTH, k, v, mask, bias):
+    rows, keys = q_KGTH.shape[3], k.shape[3 if keys_transposed else 2]
+    if batch * num_heads * rows * keys * 4 > _WHOLE_LOGITS_BYTES:
+      chunk = max(1, _BLOCK_BYTES // (4 * keys * groups))
+      return _attend_blocked(q_KGTH, k, v, mask, bias, scale, min(chunk, rows), keys_transposed)
+    return _attend(q_KGTH, k, v, mask, bias, scale, keys_transposed)
+
+  if not is_causal:
+    out_KGTH = attend(q_KGTH, k_BKSH, v_BKSH, mask, bias)
   else:
-    out_KGTH = _attend(q_KGTH, k_BKSH, v_BKSH, mask, bias, scale, keys_transposed)
+    num_chunks = _causal_chunks(q_len)
+    bounds = [q_len * i // num_chunks for i in range(num_chunks + 1)]
+    causal = np.tril(np.ones((q_len, kv_len), bool))
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+      def part(x, start=start, end=end):  # rows [start, end), keys [0, end) of a mask / bias
+        if x is None:
+          return None
+        return x[..., slice(start, end) if x.shape[3] > 1 else slice(None),
+                 slice(0, end) if x.shape[4] > 1 else slice(None)]
+      chunk_mask = causal[None, None, None, start:end, :end]
+      if mask is not None:
+        chunk_mask = (np if isinstance(mask, np.ndarray) else jnp).logical_and(part(mask),
+                                                                              chunk_mask)
+      keys = (k_BKSH[..., :end] if keys_transposed else k_BKSH[:, :, :end])
+      outs.append(attend(q_KGTH[:, :, :, start:end], keys, v_BKSH[:, :, :end], chunk_mask,
+                         part(bias)))
+    out_KGTH = jnp.concatenate(outs, axis=3)
   return out_KGTH.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, num_heads, head_dim)
 
 
@@ -321,6 +461,7 @@ def dot_product_attention(
     bias: jax.Array | None = None,
     scale: float | None = None,
     implementation: str | None = None,
+    is_causal: bool = False,
 ) -> jax.Array:
   """Scaled dot-product attention with grouped key/value heads: softmax(q k^T * scale + bias) v.
 
@@ -336,6 +477,9 @@ def dot_product_attention(
       raises ValueError naming the constraint that fails. On the XLA path, inputs whose logits
       exceed a few MB are processed in blocks (one kv head and a chunk of queries at a time),
       which changes nothing but speed and peak memory.
+    is_causal: AND the mask with the causal mask (query t attends keys s <= t; needs T == S).
+      The XLA path then skips the blocks above the diagonal (about 3/8 of the logits for
+      T >= 512, 1/4 for T = 256); passing a mask that already holds the causal mask is fine.
 
   Returns:
     `[B, T, N, H]` in the dtype of q. Logits and softmax are float32. A query row whose mask
@@ -348,11 +492,17 @@ def dot_product_attention(
   batch, q_len, kv_len, num_heads, _, head_dim = _check_qkv(q, k, v)
   _check_mask_and_bias(mask, bias, (batch, num_heads, q_len, kv_len), "B, N, T, S")
   scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+  if is_causal and q_len != kv_len:
+    raise ValueError(f"is_causal=True needs as many queries as keys, got q length {q_len} and "
+                     f"k length {kv_len}")
   path = select_implementation(implementation, q.shape, k.shape, q.dtype,
                                has_mask_or_bias=mask is not None or bias is not None)
   if path == "cudnn":
+    if is_causal:
+      mask = masks.combine(mask, masks.causal(q_len))
     return _attend_cudnn(q, k, v, mask, bias, scale)
-  return _attend_xla(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, bias, scale)
+  return _attend_xla(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, bias, scale,
+                     is_causal=is_causal)
 
 
 def _attend_cache_update(q_KGTH, k_KHL, v_KLH, k_KHT, v_KTH, index, mask, bias,

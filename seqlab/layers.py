@@ -202,10 +202,13 @@ class Attention(nn.Module):
   def __call__(self, x_BTD: Array, kv_BSD: Array | None = None, *, mask: Array | None = None,
                bias: Array | None = None, positions: Array | None = None,
                kv_positions: Array | None = None, kv: tuple[Array, Array] | None = None,
-               cache: dict | None = None, cache_index: Array | None = None):
+               cache: dict | None = None, cache_index: Array | None = None,
+               is_causal: bool = False):
     """Attends from `x_BTD` to itself (self) or to `kv_BSD` (cross); returns `[B, T, D]`.
 
     mask: bool broadcastable to `[B, N, T, S]` (True = may attend); bias: float, same rank.
+    is_causal: the mask is (also) causal, which lets attention skip the blocks above the
+      diagonal (`seqlab.attention.dot_product_attention`); ignored with a cache.
     positions `[B, T]` (and `kv_positions` `[B, S]` for cross attention) feed RoPE.
     kv: precomputed `(k, v)` `[B, S, K, H]` (cross-attention keys cached once) replaces the
       key/value projections.
@@ -223,7 +226,8 @@ class Attention(nn.Module):
     if cache is None:
       q_BTNH = q_BTNH.astype(k_BSKH.dtype)
       out_BTNH = attention_lib.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask,
-                                                     bias=bias, scale=self.scale)
+                                                     bias=bias, scale=self.scale,
+                                                     is_causal=is_causal)
       return self.out(out_BTNH)
     # The cache holds what attention's matmuls read in place (keys [B, K, H, L], values
     # [B, K, L, H]); only the T new rows are transposed. A [B, L, K, H] cache is copied whole
@@ -321,10 +325,11 @@ class Block(nn.Module):
                positions: Array | None = None, encoded: Array | None = None,
                cross_mask: Array | None = None, cross_kv: tuple[Array, Array] | None = None,
                cache: dict | None = None, cache_index: Array | None = None,
-               train: bool = False):
+               train: bool = False, is_causal: bool = False):
     """x `[B, T, D]` -> `[B, T, D]` (and the new self-attention cache when `cache` is given).
 
-    mask/bias: self-attention mask and additive bias; positions `[B, T]` for RoPE; encoded
+    mask/bias: self-attention mask and additive bias (`is_causal`: the mask is causal, see
+    `Attention`); positions `[B, T]` for RoPE; encoded
     `[B, S, D]` with `cross_mask` for cross-attention, or `cross_kv` precomputed by `cross_kv`.
     cache/cache_index: see `Attention`.
     """
@@ -333,7 +338,7 @@ class Block(nn.Module):
     def self_attend(h):
       nonlocal new_cache
       out = self.self_attention(h, mask=mask, bias=bias, positions=positions, cache=cache,
-                                cache_index=cache_index)
+                                cache_index=cache_index, is_causal=is_causal)
       if cache is None:
         return out
       out, new_cache = out

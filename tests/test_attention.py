@@ -54,7 +54,8 @@ def blocks_of(block_bytes):
   """Context: dot_product_attention's XLA path uses blocks of `block_bytes` (None = default)."""
   if block_bytes is None:
     return mock.patch.object(attention, "_BLOCK_BYTES", attention._BLOCK_BYTES)
-  return mock.patch.object(attention, "_BLOCK_BYTES", block_bytes)
+  return mock.patch.multiple(attention, _BLOCK_BYTES=block_bytes,
+                             _WHOLE_LOGITS_BYTES=4 * block_bytes)
 
 
 def jitted(fn, q, k, v, **kwargs):
@@ -267,6 +268,93 @@ def test_fully_masked_rows_are_zero_with_finite_gradients(dtype):
   for grad in grads:
     assert np.all(np.isfinite(np.asarray(grad, np.float32)))
   assert np.all(np.asarray(grads[0][:, 1], np.float32) == 0)  # masked queries get no gradient
+
+
+def jnp_attention(q, k, v, mask=None, bias=None, scale=None):
+  """Plain jnp attention (repeated K/V, softmax, fully masked rows 0) for autodiff gradients."""
+  groups = q.shape[2] // k.shape[2]
+  k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+  scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+  logits = jnp.einsum("btnh,bsnh->bnts", q, k) * scale
+  if bias is not None:
+    logits = logits + bias
+  if mask is not None:
+    logits = jnp.where(mask, logits, -1e30)
+  weights = jax.nn.softmax(logits, axis=-1)
+  if mask is not None:
+    weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)
+  return jnp.einsum("bnts,bsnh->btnh", weights, v)
+
+
+GRADIENT_CASES = {
+    # name: (N, K, mask shape or None, dynamic mask, bias shape or None, is_causal, blocks)
+    "mha-static-mask-bias": (4, 4, (2, 1, 10, 10), False, (1, 4, 10, 10), False, None),
+    "gqa-dynamic-mask": (6, 2, (2, 6, 10, 10), True, None, False, None),
+    "mqa-key-padding-bias": (4, 1, (2, 1, 1, 10), True, (2, 1, 1, 10), False, None),
+    "gqa-per-head-rows": (4, 2, (1, 4, 1, 10), False, (1, 4, 1, 10), False, None),
+    "causal-chunks": (4, 2, None, False, None, True, None),
+    "causal-chunks-padding-bias": (4, 2, (2, 1, 10, 10), True, (1, 4, 10, 10), True, None),
+    "causal-chunks-blocks": (6, 2, (2, 1, 1, 10), True, None, True, 60),
+    "gqa-blocks-bias": (6, 3, (2, 1, 10, 10), False, (1, 6, 10, 10), False, 60),
+}
+
+
+@pytest.mark.parametrize("case", list(GRADIENT_CASES))
+def test_gradients_match_autodiff_of_plain_attention(case):
+  """The written-out gradient (`_attend_trainable_bwd`) against autodiff of `jnp_attention`:
+  GQA/MQA, static and traced masks of every broadcast pattern, fully masked rows, biases
+  broadcast over batch or rows (their gradient summed back), causal chunks (T = 10 in chunks
+  of 3, 3, 4) and blocks."""
+  num_heads, num_kv_heads, mask_shape, dynamic, bias_shape, is_causal, blocks = (
+      GRADIENT_CASES[case])
+  rng = np.random.default_rng(sum(map(ord, case)))
+  q, k, v = random_qkv(rng, 2, 10, 10, num_heads, num_kv_heads, 8)
+  mask = None if mask_shape is None else rng.random(mask_shape) < 0.7
+  if mask is not None and mask_shape[2] > 1:
+    mask[..., 3, :] = False  # a fully masked query row
+  bias = None if bias_shape is None else rng.normal(size=bias_shape).astype(np.float32)
+  cotangent = rng.normal(size=q.shape).astype(np.float32)
+  causal = np.tril(np.ones((10, 10), bool))[None, None]
+  reference_mask = causal if mask is None and is_causal else (
+      mask & causal if is_causal else mask)
+
+  def loss(fn, mask, **kwargs):
+    return lambda q, k, v, b: jnp.sum(fn(q, k, v, mask=mask, bias=b, **kwargs) * cotangent)
+
+  argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+  with blocks_of(blocks), mock.patch.object(attention, "_CAUSAL_CHUNK_ROWS", 3):
+    if dynamic:  # the mask is traced
+      grads = jax.jit(lambda q, k, v, b, m: jax.grad(
+          loss(attention.dot_product_attention, m, is_causal=is_causal), argnums)(q, k, v, b))(
+              q, k, v, bias, mask)
+    else:
+      grads = jax.jit(jax.grad(loss(attention.dot_product_attention, mask, is_causal=is_causal),
+                               argnums))(q, k, v, bias)
+  expected = jax.jit(jax.grad(loss(jnp_attention, reference_mask), argnums))(q, k, v, bias)
+  for name, grad, want in zip("qkvb", grads, expected):
+    assert np.asarray(grad).shape == np.asarray(want).shape, name
+    assert rel_error(grad, want) < 2e-5, name
+  if mask is not None and mask_shape[2] > 1:
+    assert np.all(np.asarray(grads[0])[:, 3] == 0)  # the masked row's queries get nothing
+
+
+def test_is_causal_forward_matches_oracle_in_chunks():
+  rng = np.random.default_rng(41)
+  q, k, v = random_qkv(rng, 2, 11, 11, 4, 2, 8)
+  mask = rng.random((2, 1, 1, 11)) < 0.8
+  causal = np.tril(np.ones((11, 11), bool))[None, None]
+  expected = np_attention(q, k, v, mask & causal)
+  for rows in (128, 4, 1):  # one chunk; 11 queries in 2 chunks; in 8 chunks (the cap)
+    with mock.patch.object(attention, "_CAUSAL_CHUNK_ROWS", rows):
+      out = jax.jit(lambda q, k, v, m: attention.dot_product_attention(
+          q, k, v, mask=m, is_causal=True))(q, k, v, mask)
+    assert rel_error(out, expected) < 1e-6, rows
+
+
+def test_is_causal_needs_as_many_queries_as_keys():
+  q, k, v = random_qkv(np.random.default_rng(0), 1, 4, 6, 2, 2, 8)
+  with pytest.raises(ValueError, match="is_causal=True needs as many queries as keys.*4.*6"):
+    attention.dot_product_attention(q, k, v, is_causal=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -499,6 +587,29 @@ def test_window_attention_with_padding_has_finite_gradients():
   loss = lambda q, k, v: jnp.sum(attention.window_attention(q, k, v, window=7, shift=3) ** 2)
   for grad in jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v):
     assert np.all(np.isfinite(grad)) and np.any(grad != 0)
+
+
+def test_shifted_window_attention_gradients_match_autodiff():
+  """Swin's layout (6-D, a static shift-and-padding mask, a [N, a, a] bias): the written-out
+  gradient equals JAX autodiff of the plain forward (`_attend_inference`)."""
+  rng = np.random.default_rng(62)
+  q, k, v = (rng.normal(size=(2, 9, 7, 3, 8)).astype(np.float32) for _ in range(3))
+  bias = rng.normal(size=(3, 9, 9)).astype(np.float32)
+  cotangent = rng.normal(size=q.shape).astype(np.float32)
+  loss = lambda q, k, v, b: jnp.sum(
+      attention.window_attention(q, k, v, window=3, shift=1, bias=b) * cotangent)
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, bias)
+
+  def autodiff_attend(q, k, v, mask, bias, scale, keys_transposed=False):
+    row_valid = attention._row_valid(mask)
+    return attention._attend_inference(q, k, v, mask, bias, row_valid, scale,
+                                       keys_transposed).astype(q.dtype)
+
+  with mock.patch.object(attention, "_attend", autodiff_attend):
+    expected = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, bias)
+  for name, grad, want in zip("qkvb", grads, expected):
+    assert rel_error(grad, want) < 1e-5, name
+    assert np.any(np.asarray(grad) != 0), name
 
 
 X = np.zeros((1, 6, 6, 2, 4), np.float32)

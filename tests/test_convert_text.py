@@ -1,6 +1,8 @@
 """Hugging Face PyTorch parity: GPT-2, BERT, T5 v1.0 / v1.1 converted into seqlab models."""
 
+import contextlib
 import dataclasses
+from unittest import mock
 
 import jax
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from seqlab import convert
+from seqlab import attention, convert
 from seqlab.convert import text
 
 TOL = 1e-4
@@ -21,6 +23,13 @@ def _seed():
 
 def _logits_jit(model):
   return jax.jit(model.apply)
+
+
+def _causal_chunk_rows(rows):
+  """Context: causal self-attention splits its queries into chunks of about `rows`."""
+  if rows is None:
+    return contextlib.nullcontext()
+  return mock.patch.object(attention, "_CAUSAL_CHUNK_ROWS", rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,14 +47,17 @@ def _gpt2_tokens():
   return np.random.RandomState(0).randint(0, 50, size=(2, 12))
 
 
-def test_gpt2_logits_match_hugging_face():
+@pytest.mark.parametrize("chunk_rows", [None, 4], ids=["default", "causal-chunks"])
+def test_gpt2_logits_match_hugging_face(chunk_rows):
+  """chunk_rows=4 splits the 12 causal queries into 3 chunks (`attention._causal_chunks`)."""
   hf = _hf_gpt2()
   config = text.gpt2_config_from_hf(hf.config, dropout_rate=0.0)
   params = text.gpt2_from_hf(hf.state_dict(), config)
   tokens = _gpt2_tokens()
   with torch.no_grad():
     expected = hf(torch.tensor(tokens)).logits.numpy()
-  logits = _logits_jit(config.build())({"params": params}, {"decoder_input_tokens": tokens})
+  with _causal_chunk_rows(chunk_rows):
+    logits = _logits_jit(config.build())({"params": params}, {"decoder_input_tokens": tokens})
   np.testing.assert_allclose(logits, expected, atol=TOL, rtol=0)
 
 
@@ -150,8 +162,9 @@ def _hf_t5(version):
   return model
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 5], ids=["default", "causal-chunks"])
 @pytest.mark.parametrize("version", ["v1.0", "v1.1"])
-def test_t5_logits_match_hugging_face(version):
+def test_t5_logits_match_hugging_face(version, chunk_rows):
   hf = _hf_t5(version)
   config = text.t5_config_from_hf(hf.config)
   assert config.tie_embeddings == (version == "v1.0")
@@ -167,8 +180,9 @@ def test_t5_logits_match_hugging_face(version):
     expected = hf(input_ids=torch.tensor(encoder_tokens),
                   attention_mask=torch.tensor((encoder_tokens != 0).astype(np.int64)),
                   decoder_input_ids=torch.tensor(decoder_tokens)).logits.numpy()
-  logits = _logits_jit(config.build())({"params": params}, {
-      "encoder_input_tokens": encoder_tokens, "decoder_input_tokens": decoder_tokens})
+  with _causal_chunk_rows(chunk_rows):  # 5: the 18 decoder queries in 3 chunks of 6
+    logits = _logits_jit(config.build())({"params": params}, {
+        "encoder_input_tokens": encoder_tokens, "decoder_input_tokens": decoder_tokens})
   np.testing.assert_allclose(logits, expected, atol=TOL, rtol=0)
 
 

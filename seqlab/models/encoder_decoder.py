@@ -199,7 +199,7 @@ class EncoderDecoder(nn.Module):
     x_BTD = self._embed(tokens_BT, positions_BT, train)
     for block in self.decoder_blocks:
       x_BTD = block(x_BTD, mask=self_mask, bias=bias, encoded=encoded_BSD,
-                    cross_mask=cross_mask, train=train)
+                    cross_mask=cross_mask, train=train, is_causal=True)
     return self._logits(self._final("decoder_norm", x_BTD, train))
 
   def __call__(self, batch: dict, *, train: bool = False) -> jax.Array:

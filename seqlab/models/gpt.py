@@ -153,7 +153,8 @@ class Decoder(nn.Module):
                               length=length)
     x_BTD = self._embed(tokens_BT, positions_BT, train)
     for block in self.blocks:
-      x_BTD = block(x_BTD, mask=mask, positions=positions_BT, train=train)
+      x_BTD = block(x_BTD, mask=mask, positions=positions_BT, train=train,
+                    is_causal=c.attention == "causal")
     return self._logits(x_BTD)
 
   def init_cache(self, batch_size: int, max_length: int) -> dict:
