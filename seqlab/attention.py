@@ -235,7 +235,9 @@ def _attend_inference(q_KGTH, k_KSH, v_KSH, mask, bias, row_valid, scale: float,
 
 
 def _trainable_forward(q_KRH, k_KSH, v_KSH, mask, bias, row_valid, scale: float):
-  """(out `[..., K, R, H]` float32, probabilities `[..., K, R, S]` float32); R = G * T rows."""
+  """(out `[..., K, R, H]` float32, probabilities `[..., K, R, S]` float32); R = G * T rows.
+
+  Under differentiation: the backward pass reads the normalised probabilities."""
   unnormalized, inverse = _softmax_parts(q_KRH, k_KSH, mask, bias, row_valid, scale,
                                          "...krh,...ksh->...krs")
   probs = unnormalized * inverse
@@ -246,8 +248,12 @@ def _trainable_forward(q_KRH, k_KSH, v_KSH, mask, bias, row_valid, scale: float)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _attend_trainable(q_KRH, k_KSH, v_KSH, mask, bias, row_valid, scale):
-  out, _ = _trainable_forward(q_KRH, k_KSH, v_KSH, mask, bias, row_valid, scale)
-  return out.astype(q_KRH.dtype)
+  # Not differentiated: normalise after the value matmul (a [R, H] instead of [R, S] product).
+  unnormalized, inverse = _softmax_parts(q_KRH, k_KSH, mask, bias, row_valid, scale,
+                                         "...krh,...ksh->...krs")
+  out = jnp.einsum("...krs,...ksh->...krh", unnormalized.astype(v_KSH.dtype), v_KSH,
+                   preferred_element_type=jnp.float32)
+  return (out * inverse).astype(q_KRH.dtype)
 
 
 def _attend_trainable_fwd(q_KRH, k_KSH, v_KSH, mask, bias, row_valid, scale):
@@ -354,7 +360,9 @@ def _attend_xla(q, k_BKSH, v_BKSH, mask, bias, scale: float, keys_transposed: bo
 
   def attend(q_KGTH, k, v, mask, bias):
     rows, keys = q_KGTH.shape[3], k.shape[3 if keys_transposed else 2]
-    if batch * num_heads * rows * keys * 4 > _WHOLE_LOGITS_BYTES:
+    # A KV cache (keys_transposed, inference) keeps the smaller limit of its forward passes.
+    limit = 4 * _BLOCK_BYTES if keys_transposed else _WHOLE_LOGITS_BYTES
+    if batch * num_heads * rows * keys * 4 > limit:
       chunk = max(1, _BLOCK_BYTES // (4 * keys * groups))
       return _attend_blocked(q_KGTH, k, v, mask, bias, scale, min(chunk, rows), keys_transposed)
     return _attend(q_KGTH, k, v, mask, bias, scale, keys_transposed)

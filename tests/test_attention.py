@@ -139,16 +139,17 @@ def test_property_matches_oracle(batch, q_len, kv_len, num_kv_heads, groups, hea
 
 
 def test_large_inputs_are_computed_in_blocks():
-  """At real sizes (5 MB of logits) the blocked path runs unpatched: T=300 queries in chunks of
-  119 (the last one padded), with mask and bias sliced per block."""
+  """With the real block size (1 MB; 5 MB of logits, over a lowered whole-logits limit of 4 MB)
+  T=300 queries run in chunks of 119 (the last one padded), mask and bias sliced per block."""
   rng = np.random.default_rng(14)
   q, k, v = random_qkv(rng, 1, 300, 1100, 4, 2, 8)
   mask = rng.random((1, 1, 300, 1100)) < 0.5
   mask[0, 0, 7] = False
   bias = rng.normal(size=(1, 4, 300, 1100)).astype(np.float32)
   fn = lambda q, k, v, m, b: attention.dot_product_attention(q, k, v, mask=m, bias=b)
-  assert " scan[" in str(jax.make_jaxpr(fn)(q, k, v, mask, bias))  # the loop over blocks
-  out = jax.jit(fn)(q, k, v, mask, bias)
+  with mock.patch.object(attention, "_WHOLE_LOGITS_BYTES", 4 << 20):
+    assert " scan[" in str(jax.make_jaxpr(fn)(q, k, v, mask, bias))  # the loop over blocks
+    out = jax.jit(fn)(q, k, v, mask, bias)
   assert np.all(np.asarray(out[0, 7]) == 0)
   assert rel_error(out, np_attention(q, k, v, mask, bias)) < 1e-5
 
