@@ -354,7 +354,10 @@ def _attend_xla(q, k_BKSH, v_BKSH, mask, bias, scale: float, keys_transposed: bo
   batch, q_len, num_heads, head_dim = q.shape
   num_kv_heads, kv_len = v_BKSH.shape[1], v_BKSH.shape[2]
   groups = num_heads // num_kv_heads
-  q_KGTH = q.reshape(batch, q_len, num_kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+  head_major = lambda q: q.reshape(batch, q.shape[1], num_kv_heads, groups,
+                                   head_dim).transpose(0, 2, 3, 1, 4)
+  token_major = lambda out_KGTH: out_KGTH.transpose(0, 3, 1, 2, 4).reshape(
+      batch, out_KGTH.shape[3], num_heads, head_dim)
   mask = None if mask is None else _group_heads(mask, num_kv_heads)
   bias = None if bias is None else _group_heads(bias, num_kv_heads)
 
@@ -368,7 +371,7 @@ def _attend_xla(q, k_BKSH, v_BKSH, mask, bias, scale: float, keys_transposed: bo
     return _attend(q_KGTH, k, v, mask, bias, scale, keys_transposed)
 
   if not is_causal:
-    out_KGTH = attend(q_KGTH, k_BKSH, v_BKSH, mask, bias)
+    return token_major(attend(head_major(q), k_BKSH, v_BKSH, mask, bias))
   else:
     num_chunks = _causal_chunks(q_len)
     bounds = [q_len * i // num_chunks for i in range(num_chunks + 1)]
@@ -385,10 +388,11 @@ def _attend_xla(q, k_BKSH, v_BKSH, mask, bias, scale: float, keys_transposed: bo
         chunk_mask = (np if isinstance(mask, np.ndarray) else jnp).logical_and(part(mask),
                                                                               chunk_mask)
       keys = (k_BKSH[..., :end] if keys_transposed else k_BKSH[:, :, :end])
-      outs.append(attend(q_KGTH[:, :, :, start:end], keys, v_BKSH[:, :, :end], chunk_mask,
-                         part(bias)))
-    out_KGTH = jnp.concatenate(outs, axis=3)
-  return out_KGTH.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, num_heads, head_dim)
+      # Rows are sliced (and outputs joined) token-major, where a chunk is contiguous: the
+      # slice and the transpose to head-major are then one copy.
+      outs.append(token_major(attend(head_major(q[:, start:end]), keys, v_BKSH[:, :, :end],
+                                     chunk_mask, part(bias))))
+    return jnp.concatenate(outs, axis=1)
 
 
 def _attend_blocked(q_KGTH, k_KSH, v_KSH, mask, bias, scale: float, chunk: int,
