@@ -643,36 +643,36 @@ def cache_attention(
 
 
 def multi_head_attention(q, k, v, *, mask=None, bias=None, scale=None,
-                         implementation=None) -> jax.Array:
+                         implementation=None, is_causal=False) -> jax.Array:
   """`dot_product_attention` requiring K == N (one key/value head per query head)."""
   num_heads, num_kv_heads = np.shape(q)[-2], np.shape(k)[-2]
   if num_kv_heads != num_heads:
     raise ValueError(f"multi-head attention needs num_kv_heads == num_heads, got "
                      f"num_kv_heads={num_kv_heads} (k) and num_heads={num_heads} (q)")
   return dot_product_attention(q, k, v, mask=mask, bias=bias, scale=scale,
-                               implementation=implementation)
+                               implementation=implementation, is_causal=is_causal)
 
 
 def multi_query_attention(q, k, v, *, mask=None, bias=None, scale=None,
-                          implementation=None) -> jax.Array:
+                          implementation=None, is_causal=False) -> jax.Array:
   """`dot_product_attention` requiring K == 1 (every query head shares one key/value head)."""
   num_kv_heads = np.shape(k)[-2]
   if num_kv_heads != 1:
     raise ValueError(f"multi-query attention needs num_kv_heads == 1, got "
                      f"num_kv_heads={num_kv_heads} (k)")
   return dot_product_attention(q, k, v, mask=mask, bias=bias, scale=scale,
-                               implementation=implementation)
+                               implementation=implementation, is_causal=is_causal)
 
 
 def grouped_query_attention(q, k, v, *, mask=None, bias=None, scale=None,
-                            implementation=None) -> jax.Array:
+                            implementation=None, is_causal=False) -> jax.Array:
   """`dot_product_attention` requiring N % K == 0 (each kv head serves N // K query heads)."""
   num_heads, num_kv_heads = np.shape(q)[-2], np.shape(k)[-2]
   if num_kv_heads < 1 or num_heads % num_kv_heads:
     raise ValueError(f"grouped-query attention needs num_heads % num_kv_heads == 0, got "
                      f"num_heads={num_heads} (q) and num_kv_heads={num_kv_heads} (k)")
   return dot_product_attention(q, k, v, mask=mask, bias=bias, scale=scale,
-                               implementation=implementation)
+                               implementation=implementation, is_causal=is_causal)
 
 
 # ----------------------------------------------------------------------------------------------
