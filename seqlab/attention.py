@@ -34,8 +34,9 @@ _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # kv head, its G query heads, a chunk of queries, all keys) in a loop. A block stays in cache and
 # its buffers are reused, where big whole logits stream through memory several times: on a CPU
 # blocks halve a 1024-token prefill with N = 16 heads (256 MB of logits). Below the threshold
-# the loop's per-block overhead costs more than it saves: a training step of 16 x 256 tokens
-# with 4 heads (16 MB) takes 38 ms whole against 61 ms blocked per layer.
+# the loop's per-block overhead costs more than it saves: forward + backward of a causal layer
+# of 16 x 256 tokens with 4 heads (16 MB) takes 37 ms whole against 71 ms blocked
+# (experiments/benchmarks/attention_training.py).
 _BLOCK_BYTES = 1 << 20
 _WHOLE_LOGITS_BYTES = 1 << 26
 # Causal layers split their queries into up to this many chunks (`_causal_chunks`).
@@ -268,8 +269,8 @@ def _attend_trainable_bwd(scale, residuals, g_KRH):
   rowsum(dO * O)) is the gradient of the scaled logits (the bias gradient), dQ = scale dL K,
   and the key / value gradients are computed transposed, dK^T = scale Q^T dL and
   dV^T = dO^T P, so that the two [R, S]-sized operands are read in their stored layout
-  (autodiff's dV = P^T dO makes XLA transpose P first). About 1.5x faster than autodiff on a
-  CPU (experiments/benchmarks/train_throughput.py).
+  (autodiff's dV = P^T dO makes XLA transpose P first). On a CPU a layer's forward + backward
+  is 1.7-1.8x faster than with autodiff (experiments/benchmarks/attention_training.py).
   """
   q_KRH, k_KSH, v_KSH, bias, out, probs = residuals
   f32 = jnp.float32
