@@ -33,8 +33,6 @@ Outputs in `<workdir>/<config.run>/`: results.csv, results.md, results.png, conf
 
 from __future__ import annotations
 
-import argparse
-import csv
 import functools
 import json
 import math
@@ -50,7 +48,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from seqlab import config as config_lib
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling helper modules
+
+import experiment_runs as runs  # noqa: E402  pylint: disable=g-import-not-at-top
+
 from seqlab import flops, metrics, models, parallel
 from seqlab import train as train_lib
 from seqlab.data import pipeline as pipeline_lib
@@ -251,34 +252,17 @@ def train(model_cfg, batches: Iterator[dict], *, steps: int, optimizer: Mapping[
   """
   model = model_cfg.build()
   tx = train_lib.make_optimizer(train_lib.OptimizerConfig(**dict(optimizer)))
-  key = jax.random.key(seed)
-  if params is None:
-    params = jax.jit(model.init)(key, model_cfg.dummy_batch(1))["params"]
-  else:  # a copy: the step donates its state, and the caller keeps its parameters
-    params = jax.tree_util.tree_map(jnp.array, params)
-  state = train_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                                      rng=jax.random.fold_in(key, 1))
+  state = runs.initial_state(
+      model, tx, params, seed,
+      lambda: jax.jit(model.init)(jax.random.key(seed), model_cfg.dummy_batch(1))["params"])
   mesh = parallel.make_mesh(int(mesh_config["data"]), int(mesh_config["fsdp"]))
   strategy = str(mesh_config["strategy"])
   sharding = parallel.state_shardings(jax.eval_shape(lambda: state), mesh, strategy)
   state = jax.device_put(state, sharding)
   step_fn = parallel.distribute_step(train_lib.make_train_step(train_lib.lm_task()), mesh,
                                      strategy, sharding)
-  losses = []
-  start = time.perf_counter()
-  for step in range(1, steps + 1):
-    state, step_metrics = step_fn(state, parallel.global_batch(next(batches), mesh))
-    losses.append(step_metrics["loss"])
-    if log_every and (step % log_every == 0 or step == steps):
-      loss = float(losses[-1])
-      if not math.isfinite(loss):
-        raise FloatingPointError(f"{label}: loss {loss} at step {step}")
-      print(f"  {label:>24s} step {step:5d}/{steps}  loss {loss:.4f}  "
-            f"{time.perf_counter() - start:7.1f}s", flush=True)
-  losses = [float(x) for x in jax.device_get(losses)]
-  tail = losses[-max(1, len(losses) // 10):]
-  return {"params": jax.device_get(state.params), "final_loss": float(np.mean(tail)),
-          "time_s": time.perf_counter() - start}
+  return runs.train_loop(state, step_fn, batches, mesh, steps=steps, log_every=log_every,
+                         label=label, label_width=24)
 
 
 # ─── Inference cost ──────────────────────────────────────────────────────────────────────────
@@ -372,13 +356,6 @@ def time_decoding(models_params: Mapping[Any, tuple[Any, Any]], prompts: np.ndar
   return out
 
 
-def _log(message: str) -> None:
-  """Prints `message` with the process's wall and CPU seconds so far (CPU: all threads)."""
-  print(f"[{time.perf_counter() - _START:7.1f}s wall, {time.process_time():7.1f}s cpu] "
-        f"{message}", flush=True)
-
-
-_START = time.perf_counter()
 
 # ─── The experiment ──────────────────────────────────────────────────────────────────────────
 
@@ -446,7 +423,7 @@ def run(config: ml_collections.ConfigDict, out_dir: str) -> list[dict[str, Any]]
   parent_data_state = None
   for name, num_kv_heads in plan["variants"].items():
     cfg = plan["configs"][name]
-    _log(f"[{name}] num_kv_heads={num_kv_heads} params={models.num_params(cfg):,}")
+    runs.log(f"[{name}] num_kv_heads={num_kv_heads} params={models.num_params(cfg):,}")
     batches = make_batches(config, "train", seq_length=seq_length, batch_size=batch_size,
                            seed=seed)
     result = train(cfg, batches, steps=steps, optimizer=optimizer, seed=seed,
@@ -481,7 +458,7 @@ def run(config: ml_collections.ConfigDict, out_dir: str) -> list[dict[str, Any]]
                    "init": f"uptrained from mha ({up_steps} steps)",
                    "train_steps": steps + up_steps, "_cfg": cfg, "_result": result})
 
-  _log("evaluating continuation NLL")
+  runs.log("evaluating continuation NLL")
   for row in rows:
     cfg, result = row["_cfg"], row["_result"]
     model = cfg.build()
@@ -496,7 +473,7 @@ def run(config: ml_collections.ConfigDict, out_dir: str) -> list[dict[str, Any]]
         paired_difference(row["_per_batch"], reference))
     row.update(nll_delta_vs_mha=delta, nll_delta_stderr=delta_stderr)
 
-  _log("timing cached decoding")
+  runs.log("timing cached decoding")
   prompts = decode_prompts(config)
   decode_len = prompts.shape[1] + int(config.decode.new_tokens)
   by_heads = {}
@@ -516,19 +493,11 @@ def run(config: ml_collections.ConfigDict, out_dir: str) -> list[dict[str, Any]]
   write_outputs(rows, config, out_dir, total_time_s=time.perf_counter() - started,
                 cpu_time_s=time.process_time() - cpu_started, decode_len=decode_len,
                 prompts_shape=prompts.shape)
-  _log(f"wrote {out_dir}")
+  runs.log(f"wrote {out_dir}")
   return rows
 
 
 # ─── Outputs ─────────────────────────────────────────────────────────────────────────────────
-
-
-def write_csv(rows: Sequence[Mapping[str, Any]], path: str) -> None:
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS))
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -557,7 +526,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
 def write_outputs(rows, config, out_dir: str, *, total_time_s: float, cpu_time_s: float,
                   decode_len: int, prompts_shape) -> None:
   """results.csv, results.md and results.png in `out_dir`."""
-  write_csv(rows, os.path.join(out_dir, "results.csv"))
+  runs.write_csv(rows, CSV_COLUMNS, os.path.join(out_dir, "results.csv"))
   model = config.model
   text = [
       f"# Attention variants: {config.run}",
@@ -633,15 +602,8 @@ def _kind(init: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--config", required=True, help="config file, optionally file.py:arg")
-  parser.add_argument("--workdir", required=True, help="outputs go to <workdir>/<config.run>")
-  args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-  bad = [o for o in overrides if not o.startswith(("--config.", "config."))]
-  if bad:
-    parser.error(f"unrecognised arguments {bad}")
-  config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
-  rows = run(config, os.path.join(args.workdir, str(config.run)))
+  config, out_dir = runs.parse_command_line(__doc__.split("\n")[0], argv)
+  rows = run(config, out_dir)
   print(markdown_table(rows))
   return 0
 

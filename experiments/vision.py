@@ -36,8 +36,6 @@ attention_cost.csv, results.md (both tables), accuracy.png, attention_cost.png, 
 
 from __future__ import annotations
 
-import argparse
-import csv
 import functools
 import math
 import os
@@ -51,8 +49,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling helper modules
+
+import experiment_runs as runs  # noqa: E402  pylint: disable=g-import-not-at-top
+
 from seqlab import attention, flops, models, parallel
-from seqlab import config as config_lib
 from seqlab import train as train_lib
 from seqlab.data import images, sources
 
@@ -159,29 +160,10 @@ def train(model_cfg, task_name: str, batches: Iterator[dict], *, steps: int,
   model, tx, mesh, sharding, step_fn = _step_fn(
       model_cfg.build(), task_name, tuple(sorted(optimizer.items())),
       str(mesh_config["strategy"]), int(mesh_config["data"]), int(mesh_config["fsdp"]))
-  key = jax.random.key(seed)
-  if params is None:
-    params = init_params(model, seed)
-  else:  # a copy: the step donates its state, and the caller keeps its parameters
-    params = jax.tree_util.tree_map(jnp.array, params)
-  state = train_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                                      rng=jax.random.fold_in(key, 1))
+  state = runs.initial_state(model, tx, params, seed, lambda: init_params(model, seed))
   state = jax.device_put(state, sharding)
-  losses = []
-  start = time.perf_counter()
-  for step in range(1, steps + 1):
-    state, step_metrics = step_fn(state, parallel.global_batch(next(batches), mesh))
-    losses.append(step_metrics["loss"])
-    if log_every and (step % log_every == 0 or step == steps):
-      loss = float(losses[-1])
-      if not math.isfinite(loss):
-        raise FloatingPointError(f"{label}: loss {loss} at step {step}")
-      print(f"  {label:>16s} step {step:5d}/{steps}  loss {loss:.4f}  "
-            f"{time.perf_counter() - start:7.1f}s", flush=True)
-  losses = [float(x) for x in jax.device_get(losses)]
-  return {"params": jax.device_get(state.params),
-          "final_loss": float(np.mean(losses[-max(1, len(losses) // 10):])),
-          "time_s": time.perf_counter() - start}
+  return runs.train_loop(state, step_fn, batches, mesh, steps=steps, log_every=log_every,
+                         label=label)
 
 
 @functools.lru_cache(maxsize=None)
@@ -412,7 +394,7 @@ def run(config: ml_collections.ConfigDict, out_dir: str) -> dict[str, Any]:
       params, pretrain_steps, pretrain_loss = None, 0, float("nan")
       if name == "mae":
         mae_cfg = plan["configs"]["mae"]
-        _log(f"[mae pre-training, seed {seed}] params={models.num_params(mae_cfg):,}")
+        runs.log(f"[mae pre-training, seed {seed}] params={models.num_params(mae_cfg):,}")
         pretrain_steps = int(config.mae.pretrain_steps)
         result = train(mae_cfg, "mae",
                        image_batches(config, "train", seed=seed, mae_patch_size=mae_cfg.patch_size),
@@ -422,7 +404,7 @@ def run(config: ml_collections.ConfigDict, out_dir: str) -> dict[str, Any]:
                                      mae_patch_size=mae_cfg.patch_size))
         pretrain_loss = evaluate(mae_cfg.build(), result["params"], "mae", mae_val)["loss"]
         params = mae_to_vit_params(result["params"], init_params(cfg.build(), seed))
-      _log(f"[{name}, seed {seed}] params={models.num_params(cfg):,}")
+      runs.log(f"[{name}, seed {seed}] params={models.num_params(cfg):,}")
       result = train(cfg, "classify", image_batches(config, "train", seed=seed), steps=steps,
                      optimizer=config.optimizer.to_dict(), seed=seed, mesh_config=mesh_config,
                      params=params, log_every=log_every, label=name)
@@ -433,37 +415,22 @@ def run(config: ml_collections.ConfigDict, out_dir: str) -> dict[str, Any]:
                    "train_steps": steps, "val_accuracy": scores["accuracy"],
                    "val_nll": scores["loss"], "pretrain_val_loss": pretrain_loss,
                    "train_time_s": result["time_s"]})
-      _log(f"[{name}, seed {seed}] val accuracy {scores['accuracy']:.4f}")
+      runs.log(f"[{name}, seed {seed}] val accuracy {scores['accuracy']:.4f}")
 
   scaling = config.scaling
-  _log("attention cost vs image size")
+  runs.log("attention cost vs image size")
   cost = attention_cost(plan["grids"], dim=int(scaling.dim), num_heads=int(scaling.num_heads),
                         window=int(scaling.window), patch_size=int(scaling.patch_size),
                         repeats=int(scaling.repeats))
   write_outputs(rows, cost, config, out_dir, total_time_s=time.perf_counter() - started,
                 cpu_time_s=time.process_time() - cpu_started, num_val=sum(
                     len(b["label"]) for b in val_batches))
-  _log(f"wrote {out_dir}")
+  runs.log(f"wrote {out_dir}")
   return {"accuracy": rows, "cost": cost}
 
 
-def _log(message: str) -> None:
-  """Prints `message` with the process's wall and CPU seconds so far (CPU: all threads)."""
-  print(f"[{time.perf_counter() - _START:7.1f}s wall, {time.process_time():7.1f}s cpu] "
-        f"{message}", flush=True)
-
-
-_START = time.perf_counter()
 
 # ─── Outputs ─────────────────────────────────────────────────────────────────────────────────
-
-
-def _write_csv(rows, columns, path: str) -> None:
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(columns))
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
 def accuracy_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -516,8 +483,8 @@ def markdown_tables(rows, cost) -> str:
 
 def write_outputs(rows, cost, config, out_dir: str, *, total_time_s: float, cpu_time_s: float,
                   num_val: int) -> None:
-  _write_csv(rows, CSV_COLUMNS, os.path.join(out_dir, "results.csv"))
-  _write_csv(cost, COST_COLUMNS, os.path.join(out_dir, "attention_cost.csv"))
+  runs.write_csv(rows, CSV_COLUMNS, os.path.join(out_dir, "results.csv"))
+  runs.write_csv(cost, COST_COLUMNS, os.path.join(out_dir, "attention_cost.csv"))
   scaling = config.scaling
   text = [
       f"# Vision: {config.run}",
@@ -606,15 +573,8 @@ def plot_cost(cost, path: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--config", required=True, help="config file, optionally file.py:arg")
-  parser.add_argument("--workdir", required=True, help="outputs go to <workdir>/<config.run>")
-  args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-  bad = [o for o in overrides if not o.startswith(("--config.", "config."))]
-  if bad:
-    parser.error(f"unrecognised arguments {bad}")
-  config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
-  result = run(config, os.path.join(args.workdir, str(config.run)))
+  config, out_dir = runs.parse_command_line(__doc__.split("\n")[0], argv)
+  result = run(config, out_dir)
   print(markdown_tables(result["accuracy"], result["cost"]))
   return 0
 

@@ -1,4 +1,4 @@
-"""Shared by the training tests: subprocess environment, the 8-device run, config loading.
+"""Shared by the tests: subprocess environment, the 8-device run, config and script loading.
 
 Subprocesses share one persistent XLA compilation cache, fresh for each test session (so the
 first compile of every program is still paid), which spares recompiling the same train step in
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import importlib.util
 import json
 import os
 import shutil
@@ -24,6 +25,14 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 TINY = os.path.join(ROOT, "experiments", "configs", "tiny.py")
 SHARED_CACHE = "xla_cache"
+
+
+def load_script(relative_path: str, name: str):
+  """The script `ROOT/relative_path` (an experiment or benchmark) imported as module `name`."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relative_path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 @functools.lru_cache(maxsize=None)

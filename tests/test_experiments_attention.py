@@ -1,7 +1,6 @@
 """experiments/attention_variants.py: variant names, K/V mean-pooling, readouts, a smoke run."""
 
 import csv
-import importlib.util
 import json
 import math
 import pathlib
@@ -12,6 +11,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+import _helpers
+
 from seqlab import config as config_lib
 from seqlab import decoding, models
 
@@ -19,24 +20,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "experiments" / "configs" / "attention_variants.py")
 
 
-def _load_script():
-  spec = importlib.util.spec_from_file_location(
-      "experiments_attention_variants", ROOT / "experiments" / "attention_variants.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-av = _load_script()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compile():
-  """Tiny models: XLA's optimisation passes cost more than they save; restore afterwards."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+av = _helpers.load_script("experiments/attention_variants.py", "experiments_attention_variants")
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _tiny(num_kv_heads: int, **kw):

@@ -1,7 +1,6 @@
 """experiments/vision.py: MAE -> ViT transfer, attention-cost pieces, evaluation, a smoke run."""
 
 import csv
-import importlib.util
 import json
 import math
 import pathlib
@@ -12,6 +11,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+import _helpers
+
 from seqlab import config as config_lib
 from seqlab import models
 
@@ -19,24 +20,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "experiments" / "configs" / "vision.py")
 
 
-def _load_script():
-  spec = importlib.util.spec_from_file_location("experiments_vision",
-                                                ROOT / "experiments" / "vision.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-vision = _load_script()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compile():
-  """Tiny models: XLA's optimisation passes cost more than they save; restore afterwards."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+vision = _helpers.load_script("experiments/vision.py", "experiments_vision")
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 # ─── MAE -> ViT ──────────────────────────────────────────────────────────────────────────────

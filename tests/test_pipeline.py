@@ -597,13 +597,9 @@ def test_image_pipeline_shards_restore_and_mae_mask():
 def test_data_pipeline_benchmark_smoke():
   # experiments/benchmarks/data_pipeline.py: every case's config builds its model, the table
   # computes feed ratios and verdicts from the numbers given (no train step is compiled here).
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import pathlib  # pylint: disable=g-import-not-at-top
+  import _helpers  # pylint: disable=g-import-not-at-top
   from seqlab import loop  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(__file__).resolve().parents[1] / "experiments/benchmarks/data_pipeline.py"
-  spec = importlib.util.spec_from_file_location("bench_data_pipeline", path)
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+  bench = _helpers.load_script("experiments/benchmarks/data_pipeline.py", "bench_data_pipeline")
   assert bench._train_throughput().median_step_seconds  # the shared timing loop imports
   for case in bench.CASES:
     experiment = loop.build(bench.case_config(case, batch_size=4))
