@@ -119,11 +119,12 @@ def weighted_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.A
   logits = logits.astype(jnp.float32)
   weights = weights.astype(jnp.float32)
   log_z = jax.nn.logsumexp(logits, axis=-1)
-  log_p = logits - log_z[..., None]
-  nll = -jnp.take_along_axis(log_p, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  # -log p_t = log Z - logit_t: no [..., V] array of log-probabilities is formed.
+  target_logits = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)
+  nll = log_z - target_logits[..., 0]
   loss = nll
   if label_smoothing:
-    smooth = -jnp.mean(log_p, axis=-1)
+    smooth = log_z - jnp.mean(logits, axis=-1)  # mean_v(-log p_v)
     loss = (1.0 - label_smoothing) * nll + label_smoothing * smooth
   z = jnp.square(log_z)
   if z_loss:
