@@ -11,6 +11,8 @@ from hypothesis import given, settings, strategies as st
 
 from seqlab import attention
 
+import _helpers
+
 # ----------------------------------------------------------------------------------------------
 # Oracles (NumPy float64, loops over heads and rows; nothing shared with the implementation).
 # ----------------------------------------------------------------------------------------------
@@ -637,3 +639,17 @@ X = np.zeros((1, 6, 6, 2, 4), np.float32)
 def test_window_bad_input_raises_naming_the_argument(fn, message):
   with pytest.raises(ValueError, match=message):
     fn()
+
+
+def test_training_benchmark_variants_compute_the_same_gradients():
+  """experiments/benchmarks/attention_training.py times equal work: every seqlab path (chunks,
+  no chunks, blocks, autodiff) gives jax.nn's gradients."""
+  bench = _helpers.load_script("experiments/benchmarks/attention_training.py",
+                               "bench_attention_training")
+  # 5 causal chunks of 8 queries; blocks of 3 queries
+  with mock.patch.multiple(attention, _CAUSAL_CHUNK_ROWS=8, _BLOCK_BYTES=4 * 40 * 3):
+    fns = bench.jax_variants(*bench.make_inputs(2, 40, 2, 8))
+  expected = fns.pop("jax.nn")()
+  for name, fn in fns.items():
+    for grad, want in zip(fn(), expected):
+      assert rel_error(grad, want) < 1e-5, name
