@@ -1,4 +1,5 @@
-"""experiments/vision.py: MAE -> ViT transfer, attention-cost pieces, evaluation, a smoke run."""
+"""experiments/vision.py (MAE -> ViT transfer, evaluation, a smoke run) and its attention-cost
+pieces (experiments/attention_cost.py)."""
 
 import csv
 import json
@@ -21,6 +22,7 @@ CONFIG = str(ROOT / "experiments" / "configs" / "vision.py")
 
 
 vision = _helpers.load_script("experiments/vision.py", "experiments_vision")
+cost = _helpers.load_script("experiments/attention_cost.py", "experiments_attention_cost")
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
@@ -85,43 +87,43 @@ def test_attention_layers_match_numpy():
   w = {n: jnp.asarray(rng.normal(size=(dim, heads, dim // heads)), jnp.float32) for n in "qkv"}
   w["o"] = jnp.asarray(rng.normal(size=(heads, dim // heads, dim)), jnp.float32)
   x = jnp.asarray(rng.normal(size=(1, grid, grid, dim)), jnp.float32)
-  fns = vision.attention_layer_fns(heads, window)
+  fns = cost.attention_layer_fns(heads, window)
   rows, cols = np.divmod(np.arange(grid * grid), grid)
   same_window = ((rows[:, None] // window == rows[None, :] // window)
                  & (cols[:, None] // window == cols[None, :] // window))
   x_TC = np.asarray(x).reshape(grid * grid, dim)
   want_global = _numpy_attention(x_TC, w, np.ones((16, 16), bool)).reshape(x.shape)
   want_window = _numpy_attention(x_TC, w, same_window).reshape(x.shape)
-  loop_free = vision.loop_free_layer_fns(heads, window)
+  loop_free = cost.loop_free_layer_fns(heads, window)
   for layers in (fns, loop_free):
     np.testing.assert_allclose(layers["global"](x, w), want_global, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(layers["window"](x, w), want_window, rtol=1e-4, atol=1e-4)
   # One window covering the grid is global attention.
-  whole = vision.attention_layer_fns(heads, grid)["window"](x, w)
+  whole = cost.attention_layer_fns(heads, grid)["window"](x, w)
   np.testing.assert_allclose(whole, want_global, rtol=1e-4, atol=1e-4)
 
 
 def test_analytic_macs_hand_numbers():
   # g = 2 (4 tokens), C = 4: projections 4·4·16 = 256; global scores + values 2·16·4 = 128;
   # windows of 1x1: 2·1·4·4 = 32.
-  assert vision.analytic_macs("global", 2, 4, 1) == 384
-  assert vision.analytic_macs("window", 2, 4, 1) == 288
-  assert vision.analytic_macs("window", 2, 4, 2) == vision.analytic_macs("global", 2, 4, 2)
+  assert cost.analytic_macs("global", 2, 4, 1) == 384
+  assert cost.analytic_macs("window", 2, 4, 1) == 288
+  assert cost.analytic_macs("window", 2, 4, 2) == cost.analytic_macs("global", 2, 4, 2)
 
 
 def test_xla_flops_of_a_matmul():
   a, b = jnp.ones((8, 16)), jnp.ones((16, 4))
-  compiled = vision.compile_fn(lambda x, y: x @ y, a, b)
-  assert vision.xla_flops(compiled) == 2 * 8 * 16 * 4
-  assert vision.best_time(compiled, a, b, repeats=2) > 0
+  compiled = cost.compile_fn(lambda x, y: x @ y, a, b)
+  assert cost.xla_flops(compiled) == 2 * 8 * 16 * 4
+  assert cost.best_time(compiled, a, b, repeats=2) > 0
 
 
 def test_loglog_slope():
   x = [16, 64, 256, 1024]
-  assert vision.loglog_slope(x, [3 * t * t for t in x]) == pytest.approx(2.0)
-  assert vision.loglog_slope(x, [5 * t for t in x]) == pytest.approx(1.0)
+  assert cost.loglog_slope(x, [3 * t * t for t in x]) == pytest.approx(2.0)
+  assert cost.loglog_slope(x, [5 * t for t in x]) == pytest.approx(1.0)
   with pytest.raises(ValueError, match="two or more"):
-    vision.loglog_slope([1], [1])
+    cost.loglog_slope([1], [1])
 
 
 def test_evaluate_matches_numpy_accuracy():
