@@ -50,9 +50,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling helper modules
 
+import decode_cost  # noqa: E402  pylint: disable=g-import-not-at-top
 import experiment_runs as runs  # noqa: E402  pylint: disable=g-import-not-at-top
 
-from seqlab import flops, metrics, models, parallel
+from seqlab import metrics, models, parallel
 from seqlab import train as train_lib
 from seqlab.data import pipeline as pipeline_lib
 from seqlab.data import sources, tokenizers
@@ -265,19 +266,7 @@ def train(model_cfg, batches: Iterator[dict], *, steps: int, optimizer: Mapping[
                          label=label, label_width=24)
 
 
-# ─── Inference cost ──────────────────────────────────────────────────────────────────────────
-
-
-def kv_cache_bytes(model, params, *, batch_size: int, length: int) -> tuple[int, int]:
-  """(bytes of the key/value arrays of `init_cache`, `seqlab.flops.kv_cache_bytes`)."""
-  cache = model.apply({"params": params}, batch_size, length, method="init_cache")
-  measured = sum(int(x.nbytes) for layer in cache["layers"] for x in (layer["k"], layer["v"]))
-  cfg = model.config
-  formula = flops.kv_cache_bytes(num_layers=cfg.num_layers, length=length,
-                                 num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                                 bytes_per_element=jnp.dtype(cfg.dtype).itemsize,
-                                 batch_size=batch_size)
-  return measured, formula
+# ─── Inference cost (the rest in experiments/decode_cost.py) ───────────────────────────────
 
 
 def decode_prompts(config: ml_collections.ConfigDict) -> np.ndarray:
@@ -292,69 +281,6 @@ def decode_prompts(config: ml_collections.ConfigDict) -> np.ndarray:
     raise ValueError(f"the validation split is too small for decode.batch_size="
                      f"{decode.batch_size} prompts of decode.context={decode.context}") from None
   return np.asarray(batch["decoder_target_tokens"], np.int32)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "cache_length"))
-def prefill(model, params, prompts_BP: jax.Array, *, cache_length: int):
-  """Writes start id 0 + `prompts_BP` into an empty cache of `cache_length` slots.
-
-  Returns (cache, first greedy token int32 [B]); the model was trained on rows that start
-  with 0, as `seqlab.decoding.generate` feeds them.
-  """
-  batch_size = prompts_BP.shape[0]
-  tokens_BT = jnp.concatenate([jnp.zeros((batch_size, 1), jnp.int32), prompts_BP], axis=1)
-  cache = model.apply({"params": params}, batch_size, cache_length, method="init_cache")
-  logits_BTV, cache = model.apply({"params": params}, tokens_BT, cache, method="extend")
-  return cache, jnp.argmax(logits_BTV[:, -1], axis=-1).astype(jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "steps"))
-def greedy_steps(model, params, cache, token_B: jax.Array, *, steps: int):
-  """`steps` cached greedy steps from `token_B`; returns (cache, tokens int32 [B, steps]).
-
-  Each step feeds one token per row through `extend` (attending over every filled slot) and
-  takes the argmax: the loop `seqlab.decoding.generate` runs, without eos handling.
-  """
-  def body(carry, _):
-    cache, token_B = carry
-    logits_B1V, cache = model.apply({"params": params}, token_B[:, None], cache,
-                                    method="extend")
-    next_B = jnp.argmax(logits_B1V[:, 0], axis=-1).astype(jnp.int32)
-    return (cache, next_B), next_B
-
-  (cache, _), tokens_SB = jax.lax.scan(body, (cache, token_B), None, length=steps)
-  return cache, tokens_SB.T
-
-
-def time_decoding(models_params: Mapping[Any, tuple[Any, Any]], prompts: np.ndarray, *,
-                  new_tokens: int, repeats: int) -> dict[Any, dict[str, float]]:
-  """Cached greedy decoding speed of each `name -> (model, params)` on the same prompts.
-
-  The prompts are prefilled once per model (untimed); then `new_tokens - 1` decoding steps, the
-  first token coming from the prefill, are timed from a copy of that cache. Rounds alternate
-  the models; the fastest of `repeats` rounds counts (timeit's rule: slower runs measure the
-  load of other processes, not the code).
-  Returns name -> {"tokens_per_s", "ms_per_step"}.
-  """
-  batch_size, context = prompts.shape
-  cache_length = context + new_tokens  # start id + prompt + the new tokens fed back
-  steps = new_tokens - 1
-  starts = {}
-  for name, (model, params) in models_params.items():
-    starts[name] = prefill(model, params, jnp.asarray(prompts), cache_length=cache_length)
-    jax.block_until_ready(greedy_steps(model, params, *starts[name], steps=steps))  # compile
-  times = {name: [] for name in models_params}
-  for _ in range(repeats):
-    for name, (model, params) in models_params.items():
-      start = time.perf_counter()
-      jax.block_until_ready(greedy_steps(model, params, *starts[name], steps=steps))
-      times[name].append(time.perf_counter() - start)
-  out = {}
-  for name, values in times.items():
-    seconds = min(values)
-    out[name] = {"tokens_per_s": batch_size * steps / seconds, "ms_per_step": 1e3 * seconds / steps}
-  return out
-
 
 
 # ─── The experiment ──────────────────────────────────────────────────────────────────────────
@@ -480,11 +406,13 @@ def run(config: ml_collections.ConfigDict, out_dir: str) -> list[dict[str, Any]]
   for name in plan["variants"]:
     cfg, params = plan["configs"][name], trained[name]["params"]
     by_heads[cfg.num_kv_heads] = (cfg.build(), params)
-  speeds = time_decoding(by_heads, prompts, new_tokens=int(config.decode.new_tokens),
-                         repeats=int(config.decode.repeats))
+  speeds = decode_cost.time_decoding(by_heads, prompts,
+                                     new_tokens=int(config.decode.new_tokens),
+                                     repeats=int(config.decode.repeats))
   for row in rows:  # every row's K has a from-scratch model of the same shapes
     model, params = by_heads[row["num_kv_heads"]]
-    measured, formula = kv_cache_bytes(model, params, batch_size=1, length=decode_len)
+    measured, formula = decode_cost.kv_cache_bytes(model, params, batch_size=1,
+                                                   length=decode_len)
     speed = speeds[row["num_kv_heads"]]
     row.update(kv_cache_bytes=measured, kv_cache_bytes_formula=formula,
                decode_tokens_per_s=speed["tokens_per_s"], decode_ms_per_step=speed["ms_per_step"])

@@ -21,6 +21,7 @@ CONFIG = str(ROOT / "experiments" / "configs" / "attention_variants.py")
 
 
 av = _helpers.load_script("experiments/attention_variants.py", "experiments_attention_variants")
+decode_cost = _helpers.load_script("experiments/decode_cost.py", "experiments_decode_cost")
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
@@ -165,7 +166,7 @@ def test_paired_difference_hand_numbers():
 def test_kv_cache_bytes_hand_number():
   cfg = _tiny(2)
   model = cfg.build()
-  measured, formula = av.kv_cache_bytes(model, _random_params(cfg), batch_size=3, length=10)
+  measured, formula = decode_cost.kv_cache_bytes(model, _random_params(cfg), batch_size=3, length=10)
   want = 2 * 2 * 10 * 2 * 4 * 4 * 3   # k and v, layers, slots, K, head_dim, float32, batch
   assert measured == formula == want
 
@@ -176,8 +177,8 @@ def test_greedy_steps_match_generate():
   params = _random_params(cfg, seed=3)
   prompts = np.random.default_rng(2).integers(3, 259, (2, 5)).astype(np.int32)
   new_tokens = 6
-  cache, first = av.prefill(model, params, jnp.asarray(prompts), cache_length=5 + new_tokens)
-  _, rest = av.greedy_steps(model, params, cache, first, steps=new_tokens - 1)
+  cache, first = decode_cost.prefill(model, params, jnp.asarray(prompts), cache_length=5 + new_tokens)
+  _, rest = decode_cost.greedy_steps(model, params, cache, first, steps=new_tokens - 1)
   got = np.concatenate([np.asarray(first)[:, None], np.asarray(rest)], axis=1)
   want = decoding.generate(model, params, prompts, max_new_tokens=new_tokens, eos_id=None).tokens
   np.testing.assert_array_equal(got, want)
