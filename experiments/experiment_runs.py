@@ -75,6 +75,15 @@ def write_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], path: s
       writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
+def write_results_md(out_dir: str, lines: Sequence[str], *, total_time_s: float,
+                     cpu_time_s: float) -> None:
+  """`lines` and a line with the run's wall and CPU time as `out_dir/results.md`."""
+  footer = [f"Time: {total_time_s:.0f} s wall, {cpu_time_s:.0f} s CPU (all threads) on "
+            f"{os.cpu_count()} cores.", ""]
+  with open(os.path.join(out_dir, "results.md"), "w") as f:
+    f.write("\n".join([*lines, *footer]))
+
+
 def parse_command_line(description: str, argv: Sequence[str] | None = None
                        ) -> tuple[ml_collections.ConfigDict, str]:
   """`--config file.py[:arg] --workdir DIR [--config.a.b=value ...]` -> (config, out dir).

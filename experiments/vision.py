@@ -372,12 +372,8 @@ def write_outputs(rows, cost, config, out_dir: str, *, total_time_s: float, cpu_
       "",
       markdown_tables(rows, cost),
       "",
-      f"Time: {total_time_s:.0f} s wall, {cpu_time_s:.0f} s CPU (all threads) on "
-      f"{os.cpu_count()} cores.",
-      "",
   ]
-  with open(os.path.join(out_dir, "results.md"), "w") as f:
-    f.write("\n".join(text))
+  runs.write_results_md(out_dir, text, total_time_s=total_time_s, cpu_time_s=cpu_time_s)
   plot_accuracy(rows, os.path.join(out_dir, "accuracy.png"))
   plot_cost(cost, os.path.join(out_dir, "attention_cost.png"))
 
