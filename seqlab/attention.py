@@ -235,30 +235,29 @@ def _attend_inference(q_KGTH, k_KSH, v_KSH, mask, bias, row_valid, scale: float,
   return out_KGTH * inverse
 
 
-def _trainable_forward(q_KRH, k_KSH, v_KSH, mask, bias, row_valid, scale: float):
-  """(out `[..., K, R, H]` float32, probabilities `[..., K, R, S]` float32); R = G * T rows.
+def _attend_rows(q_KRH, k_KSH, v_KSH, mask, bias, row_valid, scale: float, keep_probs: bool):
+  """(out `[..., K, R, H]` float32, probabilities `[..., K, R, S]` float32 or None); R = G * T.
 
-  Under differentiation: the backward pass reads the normalised probabilities."""
+  keep_probs (under differentiation, for the backward pass): the probabilities are normalised
+  before the value matmul and returned; otherwise the output is normalised after it (a [R, H]
+  instead of a [R, S] product).
+  """
   unnormalized, inverse = _softmax_parts(q_KRH, k_KSH, mask, bias, row_valid, scale,
                                          "...krh,...ksh->...krs")
-  probs = unnormalized * inverse
-  out = jnp.einsum("...krs,...ksh->...krh", probs.astype(v_KSH.dtype), v_KSH,
+  weights = unnormalized * inverse if keep_probs else unnormalized
+  out = jnp.einsum("...krs,...ksh->...krh", weights.astype(v_KSH.dtype), v_KSH,
                    preferred_element_type=jnp.float32)
-  return out, probs
+  return (out, weights) if keep_probs else (out * inverse, None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _attend_trainable(q_KRH, k_KSH, v_KSH, mask, bias, row_valid, scale):
-  # Not differentiated: normalise after the value matmul (a [R, H] instead of [R, S] product).
-  unnormalized, inverse = _softmax_parts(q_KRH, k_KSH, mask, bias, row_valid, scale,
-                                         "...krh,...ksh->...krs")
-  out = jnp.einsum("...krs,...ksh->...krh", unnormalized.astype(v_KSH.dtype), v_KSH,
-                   preferred_element_type=jnp.float32)
-  return (out * inverse).astype(q_KRH.dtype)
+  out, _ = _attend_rows(q_KRH, k_KSH, v_KSH, mask, bias, row_valid, scale, keep_probs=False)
+  return out.astype(q_KRH.dtype)
 
 
 def _attend_trainable_fwd(q_KRH, k_KSH, v_KSH, mask, bias, row_valid, scale):
-  out, probs = _trainable_forward(q_KRH, k_KSH, v_KSH, mask, bias, row_valid, scale)
+  out, probs = _attend_rows(q_KRH, k_KSH, v_KSH, mask, bias, row_valid, scale, keep_probs=True)
   return out.astype(q_KRH.dtype), (q_KRH, k_KSH, v_KSH, bias, out, probs)
 
 
@@ -373,27 +372,27 @@ def _attend_xla(q, k_BKSH, v_BKSH, mask, bias, scale: float, keys_transposed: bo
 
   if not is_causal:
     return token_major(attend(head_major(q), k_BKSH, v_BKSH, mask, bias))
-  else:
-    num_chunks = _causal_chunks(q_len)
-    bounds = [q_len * i // num_chunks for i in range(num_chunks + 1)]
-    causal = np.tril(np.ones((q_len, kv_len), bool))
-    outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-      def part(x, start=start, end=end):  # rows [start, end), keys [0, end) of a mask / bias
-        if x is None:
-          return None
-        return x[..., slice(start, end) if x.shape[3] > 1 else slice(None),
-                 slice(0, end) if x.shape[4] > 1 else slice(None)]
-      chunk_mask = causal[None, None, None, start:end, :end]
-      if mask is not None:
-        chunk_mask = (np if isinstance(mask, np.ndarray) else jnp).logical_and(part(mask),
-                                                                              chunk_mask)
-      keys = (k_BKSH[..., :end] if keys_transposed else k_BKSH[:, :, :end])
-      # Rows are sliced (and outputs joined) token-major, where a chunk is contiguous: the
-      # slice and the transpose to head-major are then one copy.
-      outs.append(token_major(attend(head_major(q[:, start:end]), keys, v_BKSH[:, :, :end],
-                                     chunk_mask, part(bias))))
-    return jnp.concatenate(outs, axis=1)
+  if keys_transposed:
+    raise ValueError("is_causal=True is for self-attention, not a KV cache (keys_transposed)")
+  num_chunks = _causal_chunks(q_len)
+  bounds = [q_len * i // num_chunks for i in range(num_chunks + 1)]
+  causal = np.tril(np.ones((q_len, kv_len), bool))
+  outs = []
+  for start, end in zip(bounds[:-1], bounds[1:]):
+    def part(x, start=start, end=end):  # rows [start, end), keys [0, end) of a mask / bias
+      if x is None:
+        return None
+      return x[..., slice(start, end) if x.shape[3] > 1 else slice(None),
+               slice(0, end) if x.shape[4] > 1 else slice(None)]
+    chunk_mask = causal[None, None, None, start:end, :end]
+    if mask is not None:
+      chunk_mask = (np if isinstance(mask, np.ndarray) else jnp).logical_and(part(mask),
+                                                                            chunk_mask)
+    # Rows are sliced (and outputs joined) token-major, where a chunk is contiguous: the
+    # slice and the transpose to head-major are then one copy.
+    outs.append(token_major(attend(head_major(q[:, start:end]), k_BKSH[:, :, :end],
+                                   v_BKSH[:, :, :end], chunk_mask, part(bias))))
+  return jnp.concatenate(outs, axis=1)
 
 
 def _attend_blocked(q_KGTH, k_KSH, v_KSH, mask, bias, scale: float, chunk: int,
