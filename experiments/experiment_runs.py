@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from seqlab import config as config_lib
+from seqlab import host_memory
 from seqlab import parallel
 from seqlab import train as train_lib
 
@@ -89,7 +90,9 @@ def parse_command_line(description: str, argv: Sequence[str] | None = None
   """`--config file.py[:arg] --workdir DIR [--config.a.b=value ...]` -> (config, out dir).
 
   The out dir is `<workdir>/<config.run>`; anything but `--config.` overrides is an error.
+  Called first, before JAX starts, it also keeps freed host memory (`seqlab.host_memory`).
   """
+  host_memory.keep_freed_host_memory()
   parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--config", required=True, help="config file, optionally file.py:arg")
   parser.add_argument("--workdir", required=True, help="outputs go to <workdir>/<config.run>")

@@ -19,6 +19,8 @@ import json
 import math
 import sys
 
+from seqlab import host_memory
+
 
 def _parse(argv):
   parser = argparse.ArgumentParser(prog="seqlab", description=__doc__.split("\n")[0])
@@ -105,6 +107,7 @@ def cmd_generate(args) -> int:
 
 def main(argv=None) -> int:
   """Entry point of `seqlab` / `python -m seqlab`; returns the exit status."""
+  host_memory.keep_freed_host_memory()  # before JAX starts: see seqlab/host_memory.py
   args, rest = _parse(sys.argv[1:] if argv is None else argv)
   try:
     if args.command == "train":

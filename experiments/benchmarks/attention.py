@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqlab import attention
+from seqlab import attention, host_memory
 
 
 def _median_times(fns: dict, repeats: int, seed: int = 0) -> tuple[dict, dict]:
@@ -155,6 +155,7 @@ def main() -> None:
                       help="timed calls per variant (default: 7 prefill, 15 decode, 41 window, "
                            "3 global)")
   args = parser.parse_args()
+  host_memory.keep_freed_host_memory()  # before JAX starts: seqlab/host_memory.py
   backend = jax.default_backend()
   on_gpu = backend == "gpu"
   dtype = jnp.bfloat16 if on_gpu else jnp.float32

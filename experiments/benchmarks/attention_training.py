@@ -38,7 +38,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_throughput import median_step_seconds  # noqa: E402  pylint: disable=g-import-not-at-top
 
-from seqlab import attention  # noqa: E402  pylint: disable=g-import-not-at-top
+from seqlab import attention, host_memory  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def _autodiff_attend(q, k, v, mask, bias, scale, keys_transposed=False):
@@ -103,6 +103,7 @@ def main():
   parser.add_argument("--quick", action="store_true", help="small shapes, one round")
   parser.add_argument("--rounds", type=int, default=5)
   args = parser.parse_args()
+  host_memory.keep_freed_host_memory()  # before JAX starts: seqlab/host_memory.py
   shapes = [(16, 256, 4, 64), (4, 1024, 4, 64)]
   rounds, steps = args.rounds, 3
   if args.quick:

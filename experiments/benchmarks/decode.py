@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from seqlab import models
+from seqlab import host_memory, models
 
 LAYOUTS = {"MHA": 12, "GQA": 4, "MQA": 1}
 
@@ -105,6 +105,7 @@ def main() -> None:
   parser.add_argument("--layouts", default=",".join(LAYOUTS),
                       help=f"comma-separated subset of {','.join(LAYOUTS)} (default all)")
   args = parser.parse_args()
+  host_memory.keep_freed_host_memory()  # before JAX starts: seqlab/host_memory.py
   backend = jax.default_backend()
   dtype = "float32" if backend == "cpu" else "bfloat16"
   contexts = [int(c) for c in (args.contexts or ("32,64,128" if args.quick

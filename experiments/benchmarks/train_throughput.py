@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from seqlab import flops, models, monitor
+from seqlab import flops, host_memory, models, monitor
 from seqlab import train as train_lib
 
 LEARNING_RATE = 3e-4
@@ -219,6 +219,7 @@ def main():
   parser.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on GPU)")
   parser.add_argument("--no-torch", action="store_true")
   args = parser.parse_args()
+  kept = host_memory.keep_freed_host_memory()  # as `seqlab train` does; for all three impls
   batch, length, d_model, layers, heads, vocab = 16, 256, 256, 4, 4, 512
   rounds, steps = args.rounds, args.steps
   if args.quick:
@@ -249,6 +250,8 @@ def main():
   print(f"backend {device.platform} ({device.device_kind}), {jax.device_count()} device(s); "
         f"batch {batch} x length {length}, d_model {d_model}, {layers} layers, {heads} heads, "
         f"vocab {vocab}, dtype {args.dtype}; {rounds} rounds x {steps} steps, median")
+  print(f"freed host memory kept (seqlab.host_memory, all impls): {'yes' if kept else 'no'} "
+        f"(SEQLAB_KEEP_HOST_MEMORY=0 to turn off)")
   print(f"model FLOPs per step {step_flops / 1e9:.1f} G; peak {peak_flops / 1e9:.1f} GFLOP/s "
         f"({peak_note})")
   print(f"{'impl':8s} {'ms/step':>9s} {'tokens/s':>10s} {'MFU':>7s} {'seqlab speedup':>15s} "
