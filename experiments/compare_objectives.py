@@ -49,6 +49,7 @@ import objective_grid as grid
 import objective_report as report
 
 from seqlab import config as config_lib
+from seqlab import host_memory
 from seqlab import models, parallel
 from seqlab.data import tokenizers as tokenizers_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -169,6 +170,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, spec: str = "",
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+  host_memory.keep_freed_host_memory()  # before JAX starts: seqlab/host_memory.py
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
   parser.add_argument("--config", default="experiments/configs/compare_objectives.py:quick",
                       help="config file[:arg]")

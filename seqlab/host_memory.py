@@ -16,8 +16,8 @@ the benchmarks call it first; a script of your own can too.
 
 It must run before JAX's CPU backend starts (before the first computation, not just the first
 `import jax`): XLA's threads keep the arenas they got at their first `malloc`. Later it returns
-False (with a warning, once). Set SEQLAB_KEEP_HOST_MEMORY=0 to leave malloc alone. A C library other than
-glibc (macOS, musl) is left alone.
+False (with a warning, once). Set SEQLAB_KEEP_HOST_MEMORY=0 to leave malloc alone. A C library
+other than glibc (macOS, musl) is left alone.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ def load_script(relative_path: str, name: str):
   """The script `ROOT/relative_path` (an experiment or benchmark) imported as module `name`."""
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relative_path))
   module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # dataclasses (Flax modules) look their module up there
   spec.loader.exec_module(module)
   return module
 

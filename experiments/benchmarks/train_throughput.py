@@ -20,6 +20,12 @@ the same count for all three) / step time / the matmul peak measured in the same
 (`seqlab.monitor.measure_matmul_peak`: a float32 1024^3 jitted matmul, best of 5). Variants run
 in shuffled rounds so load from other processes on a shared machine hits them alike: compare
 ratios within one run, not absolute numbers across runs.
+
+In the same rounds it times the step's dense matmuls alone, forward and both gradients, as one
+jitted XLA program and as eager PyTorch (`matmul_floor_fns`), and prints what the 1.2x-torch
+target leaves for everything else once the matmuls are paid. All variants run after
+`seqlab.host_memory.keep_freed_host_memory()`, as `seqlab train` does (SEQLAB_KEEP_HOST_MEMORY=0
+runs them without it).
 Targets (2-core CPU): seqlab >= 1.0x flax, >= 1.2x torch, MFU >= 45% of the matmul peak.
 """
 
@@ -178,11 +184,54 @@ def torch_step(cfg, tokens: np.ndarray):
   return run
 
 
+# ─── The step's dense matmuls alone ─────────────────────────────────────────────────────────
+
+
+def dense_matmul_shapes(cfg, tokens_per_step: int) -> list[tuple[int, int, int]]:
+  """(M, K, N) of each dense forward matmul of one step, weights `[K, N]`: the q, k + v, output
+  and MLP projections of every layer and the tied LM head (`seqlab.flops.config_matmuls` less
+  the attention logits / values), the MLP's second matmul turned back to `[d_ff, d_model]`."""
+  shapes = []
+  for matmul in flops.config_matmuls(cfg, 1):
+    if matmul.name.startswith("attn_"):
+      continue
+    for i in range(matmul.count):
+      k, n = int(matmul.in_dim), int(matmul.out_dim)
+      shapes.append((tokens_per_step, *((n, k) if matmul.name == "mlp" and i % 2 else (k, n))))
+  return shapes
+
+
+def matmul_floor_fns(shapes, with_torch: bool) -> tuple[dict, float]:
+  """Zero-argument functions doing each shape's forward (A W), input-gradient (dY W^T) and
+  weight-gradient (A^T dY) matmul once, in XLA (one jitted program) and in PyTorch; and their
+  FLOPs. The time the step's matmuls take with nothing else around them."""
+  rng = np.random.default_rng(0)
+  operands = [tuple(rng.standard_normal(shape, np.float32) for shape in ((m, k), (k, n), (m, n)))
+              for m, k, n in shapes]
+
+  @jax.jit
+  def xla_matmuls(ops):
+    return [(a @ w, dy @ w.T, a.T @ dy) for a, w, dy in ops]
+
+  device_ops = jax.device_put(operands)
+  fns = {"xla matmuls": lambda: xla_matmuls(device_ops)}
+  if with_torch:
+    import torch  # pylint: disable=g-import-not-at-top
+    torch_ops = [tuple(torch.from_numpy(x) for x in ops) for ops in operands]
+
+    def torch_matmuls():  # eager and synchronous on CPU
+      for a, w, dy in torch_ops:
+        a @ w, dy @ w.t(), a.t() @ dy  # pylint: disable=pointless-statement
+
+    fns["torch matmuls"] = torch_matmuls
+  return fns, sum(3 * 2 * m * k * n for m, k, n in shapes)
+
+
 # ─── Timing ──────────────────────────────────────────────────────────────────────────────────
 
 
 def _block(x):
-  return jax.block_until_ready(x) if isinstance(x, jax.Array) else x
+  return jax.block_until_ready(x) if isinstance(x, (jax.Array, list)) else x
 
 
 def median_step_seconds(fns: dict, rounds: int, steps: int, seed: int = 0) -> tuple[dict, dict]:
@@ -232,12 +281,14 @@ def main():
       fns["torch"] = torch_step(cfg, tokens)
   except ImportError as e:
     print(f"torch / transformers unavailable ({e}); skipping the PyTorch baseline")
+  floor_fns, floor_flops = matmul_floor_fns(dense_matmul_shapes(cfg, batch * length),
+                                            with_torch="torch" in fns)
   peak_box = {}
 
   def peak():
     peak_box.setdefault("values", []).append(monitor.measure_matmul_peak())
 
-  times, cpu_times = median_step_seconds({**fns, "peak": peak}, rounds, steps)
+  times, cpu_times = median_step_seconds({**fns, **floor_fns, "peak": peak}, rounds, steps)
   device = jax.devices()[0]
   if device.platform == "cpu":
     peak_flops = statistics.median(peak_box["values"])
@@ -261,6 +312,17 @@ def main():
     print(f"{name:8s} {seconds * 1e3:9.1f} {tokens_per_step / seconds:10.0f} "
           f"{step_flops / seconds / peak_flops:7.1%} {times[name] / times['seqlab']:14.2f}x "
           f"{cpu_times[name] * 1e3:12.1f} {cpu_times[name] / cpu_times['seqlab']:11.2f}x")
+  print(f"the step's dense matmuls alone ({floor_flops / 1e9:.1f} GFLOP forward + backward, "
+        f"no attention): " + ", ".join(
+            f"{name} {times[name] * 1e3:.1f} ms ({floor_flops / times[name] / 1e9:.0f} GFLOP/s)"
+            for name in floor_fns))
+  if "torch" in fns:
+    budget = times["torch"] / 1.2
+    print(f"  1.2x torch means <= {budget * 1e3:.1f} ms/step: with the matmuls at their "
+          f"stand-alone speed, {(budget - times['xla matmuls']) * 1e3:.1f} ms for all the rest "
+          f"(attention, norms, GELU, loss, optimizer); seqlab spends "
+          f"{(times['seqlab'] - times['xla matmuls']) * 1e3:.1f} ms on it, torch "
+          f"{(times['torch'] - times['torch matmuls']) * 1e3:.1f} ms")
   mfu = step_flops / times["seqlab"] / peak_flops
   checks = [("seqlab >= 1.0x flax", times["flax"] / times["seqlab"], 1.0)]
   if "torch" in fns:

@@ -9,12 +9,12 @@ Args:    quick (default), smoke, gpu, pod.
 quick    Byte-level stdlib corpus, 128-token rows, d_model 96, 2 layers per stack, 10 cells
          (causal/prefix decoder and encoder-decoder x full LM / prefix LM / span corruption /
          UL2; a full LM fits only the causal decoder) x 2 seeds.
-         Time: about 12 minutes on a 2-core CPU (11m44s measured with light other load).
+         Time: about 8 minutes on a 2-core CPU (7m19s measured).
          Expect: the full-LM causal decoder best or tied on (a) continuation NLL (at this
          budget the encoder-decoder prefix LM is within the seeds' spread; with 4-8x the
          steps the causal decoder leads clearly, results/compare_objectives/budget); span
          corruption (encoder-decoder) best on (b) read as T5's targets (sentinels scored),
-         UL2 within about 0.01; on the span tokens alone UL2 leads span corruption, a lead
+         UL2 next, within about 0.04; on the span tokens alone UL2 leads span corruption, a lead
          that shrinks with budget (span corruption learns from the fewest target tokens).
          UL2 is close to the best on (a) and (b): a Pareto point. (c) exact match is 0 at
          this budget; chrF and the name NLL still separate the cells.
