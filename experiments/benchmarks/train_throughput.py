@@ -2,6 +2,8 @@
 
 Run:  python experiments/benchmarks/train_throughput.py           (~3 minutes on a 2-core CPU)
       python experiments/benchmarks/train_throughput.py --quick   (small shapes: a smoke run)
+      python experiments/benchmarks/train_throughput.py --model gpt2-medium --dtype bfloat16
+                                        (on a GPU: the gpt2-medium target, >= 40% MFU on an H100)
 
 One GPT-style decoder (d_model 256, 4 layers, 4 heads of 64, d_ff 1024, learned positions,
 tied embeddings, GELU-tanh, pre-LN, vocabulary 512, length 256, batch 16, no dropout), trained
