@@ -316,15 +316,15 @@ def main():
   if device.platform == "cpu":  # the matmul floor explains the CPU comparison with PyTorch
     floor_fns, floor_flops = matmul_floor_fns(dense_matmul_shapes(cfg, batch * length),
                                               with_torch="torch" in fns)
-  peak_box = {}
+  peak_values = []  # on CPU the matmul peak is measured in the same rounds
 
   def peak():
-    if device.platform == "cpu":
-      peak_box.setdefault("values", []).append(monitor.measure_matmul_peak())
+    peak_values.append(monitor.measure_matmul_peak())
 
-  times, cpu_times = median_step_seconds({**fns, **floor_fns, "peak": peak}, rounds, steps)
+  timed = {**fns, **floor_fns, **({"peak": peak} if device.platform == "cpu" else {})}
+  times, cpu_times = median_step_seconds(timed, rounds, steps)
   if device.platform == "cpu":
-    peak_flops = statistics.median(peak_box["values"])
+    peak_flops = statistics.median(peak_values)
     peak_note = "measured f32 1024^3 matmul"
   else:
     peak_flops = flops.peak_flops_per_second(device.device_kind)
