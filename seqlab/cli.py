@@ -7,16 +7,21 @@
 
 `train` resumes when DIR already holds checkpoints of the same model; `eval` and `generate`
 read the config saved in DIR and restore its newest readable checkpoint. Each prints one JSON
-line per result on stdout; progress and notices go to stderr. Bad input (an unknown config
-key, a batch size that does not divide over the devices, a workdir holding another model, a
-loss that stopped being finite) exits with status 2 and a one-line message.
+line per result on stdout and nothing else (whatever a library or the distributed runtime
+prints goes to stderr); progress and notices go to stderr. Bad input (an unknown config key, a
+batch size that does not divide over the devices, a workdir locked by another run or holding
+another model, a config that drifted from the checkpoint's, no readable checkpoint, a loss that
+stopped being finite, a work directory that cannot be written) exits with status 2 and a
+one-line message.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
+import os
 import sys
 
 from seqlab import host_memory
@@ -55,6 +60,14 @@ def _saved_config(workdir: str):
   return ml_collections.ConfigDict(json.loads(workdir_lib.read_text(path)))
 
 
+_RESULTS = sys.stdout  # the JSON lines; `main` points it at the real stdout
+
+
+def _emit(record: dict) -> None:
+  _RESULTS.write(json.dumps(record) + "\n")
+  _RESULTS.flush()
+
+
 def _round(values: dict) -> dict:
   return {k: round(v, 4) for k, v in values.items()
           if isinstance(v, float) and math.isfinite(v)}
@@ -68,27 +81,45 @@ def cmd_train(args, overrides) -> int:
   last = loop.last_values(result["history"])
   keep = ("loss", "tokens_per_s", "images_per_s", "mfu")
   summary = {k: v for k, v in last.items() if k in keep or k.startswith("eval/")}
-  print(json.dumps({"status": result["status"], "step": result["step"],
-                    "start_step": result["start_step"], **_round(summary)}))
+  _emit({"status": result["status"], "step": result["step"],
+         "start_step": result["start_step"], **_round(summary)})
   return 0
 
 
 def cmd_eval(args) -> int:
   import jax  # pylint: disable=g-import-not-at-top
   from seqlab import loop, parallel  # pylint: disable=g-import-not-at-top
+  if args.batches is not None and args.batches < 1:
+    raise ValueError(f"--batches={args.batches} must be >= 1")
   config = _saved_config(args.workdir)
   experiment, params, step = loop.restore_params(config, args.workdir)
   mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
   values = loop.evaluate(params, experiment, config, mesh, loop.make_eval_fn(experiment),
                          batch_size=int(config.data.batch_size), num_batches=args.batches,
                          split=args.split)
-  print(json.dumps({"step": step, "split": args.split, **_round(values)}))
+  _emit({"step": step, "split": args.split, **_round(values)})
   return 0
 
 
 def cmd_generate(args) -> int:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from seqlab import decoding, loop  # pylint: disable=g-import-not-at-top
+  if args.max_new_tokens < 1:
+    raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
+  if args.num_beams < 1:
+    raise ValueError(f"--num-beams={args.num_beams} must be >= 1")
+  if args.temperature <= 0 or not math.isfinite(args.temperature):
+    raise ValueError(f"--temperature={args.temperature} must be a finite number > 0")
+  if args.top_k is not None and args.top_k < 1:
+    raise ValueError(f"--top-k={args.top_k} must be >= 1")
+  if args.top_p is not None and not 0 < args.top_p <= 1:
+    raise ValueError(f"--top-p={args.top_p} must be in (0, 1]")
+  for prompt in args.prompt:
+    try:
+      prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+      raise ValueError(f"--prompt={prompt!r} is not valid text ({e.reason} at position "
+                       f"{e.start})") from None
   config = _saved_config(args.workdir)
   experiment, params, step = loop.restore_params(config, args.workdir)
   if experiment.architecture not in ("decoder", "encoder_decoder"):
@@ -101,14 +132,32 @@ def cmd_generate(args) -> int:
                           top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
                           eos_id=tokenizer.eos_id, rng=args.seed)
   for prompt, row in zip(args.prompt, np.asarray(out.tokens)):
-    print(json.dumps({"step": step, "prompt": prompt, "completion": tokenizer.decode(row)}))
+    _emit({"step": step, "prompt": prompt, "completion": tokenizer.decode(row)})
   return 0
+
+
+def _results_to_real_stdout() -> None:
+  """Keeps stdout for the JSON lines: file descriptor 1 is pointed at stderr, so whatever C++
+  libraries print (the distributed runtime's gloo among them) lands there."""
+  global _RESULTS
+  if _RESULTS is not sys.__stdout__ or sys.stdout is not sys.__stdout__:
+    return  # already done, or stdout is captured (tests): leave it alone
+  try:
+    sys.stdout.flush()
+    _RESULTS = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+  except OSError:
+    pass
 
 
 def main(argv=None) -> int:
   """Entry point of `seqlab` / `python -m seqlab`; returns the exit status."""
   host_memory.keep_freed_host_memory()  # before JAX starts: see seqlab/host_memory.py
   args, rest = _parse(sys.argv[1:] if argv is None else argv)
+  if argv is None:
+    _results_to_real_stdout()
+  logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's routine INFO / WARNING lines
   try:
     if args.command == "train":
       bad = [r for r in rest if not r.startswith(("--config.", "config."))]
@@ -121,8 +170,16 @@ def main(argv=None) -> int:
       return cmd_eval(args)
     return cmd_generate(args)
   except (ValueError, FloatingPointError) as e:  # bad input: a message, not a traceback
-    print(f"seqlab {args.command}: error: {e}", file=sys.stderr)
+    print(f"seqlab {args.command}: error: {_one_line(e)}", file=sys.stderr)
     return 2
+  except OSError as e:  # an unwritable or missing path
+    where = f" {e.filename!r}" if getattr(e, "filename", None) else ""
+    print(f"seqlab {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+    return 2
+
+
+def _one_line(error: BaseException) -> str:
+  return " ".join(str(error).split())
 
 
 if __name__ == "__main__":

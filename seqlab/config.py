@@ -19,6 +19,8 @@ import ml_collections
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """Loads `file.py[:arg]` and returns `get_config(arg)`."""
   path, _, arg = spec.partition(":")
+  if os.path.isdir(path):
+    raise ValueError(f"--config {path!r} is a directory; give a config file (file.py[:arg])")
   if not os.path.isfile(path):
     raise ValueError(f"config file {path!r} does not exist")
   module_spec = importlib.util.spec_from_file_location(

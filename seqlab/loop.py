@@ -1,37 +1,34 @@
-"""The training loop: Mesh → Input → Model → Shard → Checkpoint → Update → Evals → Loop.
+"""`seqlab train` in library form: a config file's model, data and schedule on the engine.
 
-`train_and_evaluate(config, workdir)` is what `seqlab train` runs. It resumes from the newest
-readable checkpoint in `workdir` (train state and data-iterator state, so the data order
-continues exactly), saves on SIGTERM before exiting, stops on a NaN / Inf loss keeping the
-last good checkpoint, and writes `metrics.jsonl`, TensorBoard events and `config.json`.
+`train_and_evaluate(config, workdir)` validates `config`, joins the processes, builds the mesh,
+the model, the task and the input pipeline, and hands them to `seqlab.trainer.run` (the one
+training engine: resume, checkpoints, preemption, lock, drift check, logging, evaluations).
+`seqlab eval` / `seqlab generate` reuse the pieces here (`build`, `evaluate`, `restore_params`).
 
 Config fields read here (see `experiments/configs/tiny.py` for a complete file): `seed`,
 `model.preset` + `model.overrides` (any field of the preset's dataclass, e.g. `dtype`),
 `data.*` (source, tokenizer, objective, lengths, global `batch_size`, packing),
-`optimizer.*` (`seqlab.train.OptimizerConfig`), `train.*` (steps, log/eval/checkpoint
-intervals, `accum_steps`, `task_kwargs`, `max_to_keep`, optional `best_metric`),
-`mesh.*` (strategy "data" | "fsdp", data x fsdp sizes, FSDP logical `rules`) and
-`distributed.*` (`initialize=True`: `jax.distributed.initialize()` with no arguments, which
-finds the processes itself on TPU pods and SLURM; or explicit coordinator_address,
-num_processes, process_id: num_processes > 1 joins that multi-process run). A `workdir` may be
-a cloud-storage URL (`gs://bucket/run`; `seqlab.workdir`).
+`optimizer.*` (`seqlab.train.OptimizerConfig`; `total_steps` 0 follows `train.steps`),
+`train.*` (steps, log/eval/checkpoint intervals, `accum_steps`, `task_kwargs`, `max_to_keep`,
+optional `best_metric`, `stop_check_every`), `mesh.*` (strategy "data" | "fsdp", data x fsdp
+sizes, FSDP logical `rules`) and `distributed.*` (`initialize=True`:
+`jax.distributed.initialize()` with no arguments, which finds the processes itself on TPU pods
+and SLURM; or explicit coordinator_address, num_processes, process_id: num_processes > 1 joins
+that multi-process run; `heartbeat_timeout_s`: how soon the others stop when one process
+dies). A `workdir` may be a cloud-storage URL (`gs://bucket/run`; `seqlab.workdir`).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import math
-import signal
-import sys
-import time
 from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
 
-from seqlab import checkpoint, flops, models, monitor, parallel
+from seqlab import checkpoint, flops, models, parallel, trainer
 from seqlab import workdir as workdir_lib
 from seqlab import metrics as metrics_lib
 from seqlab import train as train_lib
@@ -89,8 +86,12 @@ def make_input(config, architecture: str, split: str, *, batch_size: int, shard_
   from seqlab.data import sources as sources_lib  # pylint: disable=g-import-not-at-top
   data = config.data
   seed = int(config.seed) + (0 if split == "train" else 1)
-  source = sources_lib.get_source(data.source, split=split,
-                                  **dict(data.get("source_kwargs", {}) or {}))
+  source_kwargs = dict(data.get("source_kwargs", {}) or {})
+  try:
+    source = sources_lib.get_source(data.source, split=split, **source_kwargs)
+  except TypeError as e:  # an unknown keyword: a typo in data.source_kwargs
+    raise ValueError(f"data.source_kwargs={source_kwargs!r} do not fit data.source="
+                     f"{data.source!r}: {e}") from None
   if architecture in TEXT_ARCHITECTURES:
     return pipeline_lib.make_pipeline(
         source, tokenizer or make_tokenizer(config), data.objective, architecture,
@@ -146,7 +147,7 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
   model_cfg = model_config(config)
   architecture = architecture_of(model_cfg)
   model = model_cfg.build()
-  tx = train_lib.make_optimizer(train_lib.OptimizerConfig(**config.optimizer.to_dict()))
+  tx = train_lib.make_optimizer(optimizer_config(config))
   task = train_lib.task_for(architecture, **dict(config.train.get("task_kwargs", {}) or {}))
   init_batch = model_cfg.dummy_batch(1)
   seed = int(config.seed)
@@ -159,38 +160,6 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
 
   return Experiment(model_cfg, model, architecture, task, tx, seq_lengths(config, architecture),
                     init)
-
-
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks at step boundaries."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def install(self) -> "_Preemption":
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: no handler
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def uninstall(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
-def _to_float(metrics: dict) -> dict[str, float]:
-  return {k: float(v) for k, v in jax.device_get(metrics).items()}
-
-
-def _say(message: str) -> None:
-  if jax.process_index() == 0:
-    print(f"seqlab: {message}", file=sys.stderr, flush=True)
 
 
 def evaluate(params, experiment: Experiment, config, mesh, eval_fn, *, batch_size: int,
@@ -213,60 +182,125 @@ def evaluate(params, experiment: Experiment, config, mesh, eval_fn, *, batch_siz
   return experiment.task.summarise(metrics_lib.sum_metrics(jax.device_get(sums)))
 
 
-def compile_all(lowered: dict[str, Any]) -> dict[str, Any]:
-  """Compiles `jax.stages.Lowered` programs concurrently (XLA releases the GIL meanwhile)."""
-  if len(lowered) <= 1:
-    return {name: program.compile() for name, program in lowered.items()}
-  with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
-    futures = {name: pool.submit(program.compile) for name, program in lowered.items()}
-    return {name: future.result() for name, future in futures.items()}
-
-
 def make_eval_fn(experiment: Experiment) -> Callable:
   """`eval_fn(params, batch) -> sums`, jitted (XLA partitions it over the inputs' shardings)."""
   step = train_lib.make_eval_step(experiment.task)
   return jax.jit(lambda params, batch: step(params, batch, experiment.model.apply))
 
 
-# ─── train_and_evaluate ──────────────────────────────────────────────────────────────────────
+# ─── train_and_evaluate: a config onto the engine ───────────────────────────────────────────
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains `config` in `workdir` (resuming if it holds checkpoints); returns a summary.
+def _int_field(config, name: str, minimum: int, default=None) -> int:
+  section, _, key = name.partition(".")
+  value = config[section].get(key, default) if key else config.get(section, default)
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+  return int(value)
 
-  Returns {"status": "finished" | "preempted", "step", "start_step", "history" (logged
-  metrics per step), "data_stats", "skipped_checkpoints"}. Raises ValueError for a bad config
-  or batch size, `checkpoint.CheckpointMismatchError` when `workdir` holds another model, and
-  FloatingPointError when the loss stops being finite (the last good checkpoint stays).
-  """
-  # ── Mesh ──
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """ValueError naming the field and value for a config `train_and_evaluate` cannot run."""
+  for section in ("model", "data", "optimizer", "train", "mesh"):
+    if section not in config:
+      raise ValueError(f"the config has no {section!r} section")
+  steps = _int_field(config, "train.steps", 1)
+  _int_field(config, "data.batch_size", 1)
+  _int_field(config, "seed", 0)
+  for name, minimum in (("train.log_every", 1), ("train.checkpoint_every", 0),
+                        ("train.eval_every", 0), ("train.eval_batches", 1),
+                        ("train.max_to_keep", 1)):
+    _int_field(config, name, minimum)
+  opt = config.optimizer
+  lr = opt.get("learning_rate", None)
+  if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+    raise ValueError(f"optimizer.learning_rate={lr!r} must be a finite number > 0")
+  total = int(opt.get("total_steps", 0) or 0) or steps
+  warmup = opt.get("warmup_steps", 0)
+  if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup < max(total, 2):
+    raise ValueError(f"optimizer.warmup_steps={warmup!r} must be an integer in [0, "
+                     f"total steps={total})")
+  if config.data.get("source_kwargs") is not None and not hasattr(
+      config.data.source_kwargs, "keys"):
+    raise ValueError(f"data.source_kwargs={config.data.source_kwargs!r} is not a mapping")
+
+
+def optimizer_config(config: ml_collections.ConfigDict) -> train_lib.OptimizerConfig:
+  """`config.optimizer`; `total_steps` 0 or absent means `train.steps` (so a run resumed with
+  more steps stretches its schedule to them)."""
+  fields = config.optimizer.to_dict()
+  if not fields.get("total_steps"):
+    fields["total_steps"] = int(config.train.steps)
+  try:
+    return train_lib.OptimizerConfig(**fields)
+  except TypeError as e:
+    known = [f.name for f in dataclasses.fields(train_lib.OptimizerConfig)]
+    raise ValueError(f"optimizer: {e}; the fields are {known}") from None
+
+
+def options(config: ml_collections.ConfigDict) -> trainer.Options:
+  """The engine's `Options` from `config.train` and `config.mesh`."""
+  t = config.train
+  return trainer.Options(
+      steps=int(t.steps), strategy=config.mesh.strategy,
+      rules=tuple(tuple(r) for r in (config.mesh.get("rules", None) or ())),
+      accum_steps=int(t.get("accum_steps", 1)), log_every=int(t.log_every),
+      checkpoint_every=int(t.checkpoint_every), eval_every=int(t.eval_every),
+      max_to_keep=int(t.max_to_keep), best_metric=t.get("best_metric", "") or "",
+      best_mode=t.get("best_mode", "min"), progress=bool(t.get("progress", True)),
+      stop_check_every=int(t.get("stop_check_every", 1)))
+
+
+def join_processes(config: ml_collections.ConfigDict) -> None:
+  """`jax.distributed.initialize` as `config.distributed` asks (nothing for one process)."""
   dist = config.get("distributed", ml_collections.ConfigDict())
   explicit = int(dist.get("num_processes", 0) or 0) > 1
   if bool(dist.get("initialize", False)) and explicit:
     raise ValueError("distributed.initialize=True discovers the processes itself (TPU pods, "
                      "SLURM); do not also set distributed.num_processes="
                      f"{dist.num_processes}")
-  if not jax.distributed.is_initialized():
-    if explicit:
-      parallel.initialize_distributed(dist.coordinator_address, int(dist.num_processes),
-                                      int(dist.process_id))
-    elif bool(dist.get("initialize", False)):
-      parallel.initialize_distributed()  # jax.distributed.initialize() with no arguments
-  mesh = parallel.make_mesh(int(config.mesh.data), int(config.mesh.fsdp))
-  strategy = config.mesh.strategy
-  if strategy not in parallel.STRATEGIES:
-    raise ValueError(f"mesh.strategy={strategy!r} is not one of {parallel.STRATEGIES}")
+  if jax.distributed.is_initialized():
+    return
+  heartbeat = int(dist.get("heartbeat_timeout_s", 0) or 0) or None
+  if explicit:
+    parallel.initialize_distributed(dist.coordinator_address, int(dist.num_processes),
+                                    int(dist.process_id), heartbeat_timeout_s=heartbeat)
+  elif bool(dist.get("initialize", False)):
+    parallel.initialize_distributed(heartbeat_timeout_s=heartbeat)
+
+
+def make_mesh(config: ml_collections.ConfigDict):
+  """The `[data, fsdp]` mesh of `config.mesh` over every device of the run."""
+  if config.mesh.strategy not in parallel.STRATEGIES:
+    raise ValueError(f"mesh.strategy={config.mesh.strategy!r} is not one of "
+                     f"{parallel.STRATEGIES}")
+  try:
+    return parallel.make_mesh(int(config.mesh.data), int(config.mesh.fsdp))
+  except ValueError as e:
+    raise ValueError(f"{e} (mesh.data={config.mesh.data}, mesh.fsdp={config.mesh.fsdp})") from None
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints) on `seqlab.trainer`.
+
+  Returns {"status": "finished" | "preempted", "step", "start_step", "history" (logged
+  metrics per step), "data_stats", "skipped_checkpoints"}. Raises ValueError for a bad config
+  or batch size, a locked or drifted work directory, `checkpoint.CheckpointMismatchError` when
+  `workdir` holds another model, and FloatingPointError when the loss stops being finite (the
+  last good checkpoint stays).
+  """
+  validate(config)
+  join_processes(config)
+  mesh = make_mesh(config)
   global_batch_size = int(config.data.batch_size)
   parallel.check_batch_size(global_batch_size, mesh, "data.batch_size")
   process_count, process_index = jax.process_count(), jax.process_index()
-  local_batch_size = global_batch_size // process_count
-  accum_steps = int(config.train.get("accum_steps", 1))
+  run_options = options(config)
   per_device = global_batch_size // parallel.num_data_shards(mesh)
-  if accum_steps < 1 or per_device % accum_steps:
-    raise ValueError(f"train.accum_steps={accum_steps} does not divide the per-device batch "
-                     f"of {per_device} rows (data.batch_size={global_batch_size})")
-
-  # ── Input ──
+  if per_device % run_options.accum_steps:
+    raise ValueError(f"train.accum_steps={run_options.accum_steps} does not divide the "
+                     f"per-device batch of {per_device} rows (data.batch_size="
+                     f"{global_batch_size})")
   experiment = build(config)
   model_cfg, architecture = experiment.model_cfg, experiment.architecture
   tokenizer = None
@@ -275,145 +309,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if model_cfg.vocab_size < tokenizer.vocab_size:
       raise ValueError(f"model vocab_size={model_cfg.vocab_size} is smaller than the "
                        f"tokenizer's vocab_size={tokenizer.vocab_size}")
-  train_iter = make_input(config, architecture, "train", batch_size=local_batch_size,
+  train_iter = make_input(config, architecture, "train",
+                          batch_size=global_batch_size // process_count,
                           shard_index=process_index, shard_count=process_count,
                           tokenizer=tokenizer, model_cfg=model_cfg)
+  eval_fn = make_eval_fn(experiment)
 
-  # ── Shard ──
-  state_shapes = jax.eval_shape(experiment.init)
-  rules = config.mesh.get("rules", None) or None
-  state_sharding = parallel.state_shardings(state_shapes, mesh, strategy, rules)
-  abstract_state = jax.tree_util.tree_map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes,
-      state_sharding)
+  def evaluate_state(state):
+    return evaluate(state.params, experiment, config, mesh, eval_fn,
+                    batch_size=global_batch_size // process_count,
+                    num_batches=int(config.train.eval_batches), tokenizer=tokenizer)
 
-  # ── Checkpoint ── (a mismatching checkpoint raises here, before anything is written)
-  workdir = workdir_lib.resolve(workdir)
-  ckpt_dir = workdir_lib.join(workdir, "checkpoints")
-  best_metric = config.train.get("best_metric", None) or None
-  ckpt = checkpoint.Checkpointer(ckpt_dir, max_to_keep=int(config.train.max_to_keep),
-                                 best_metric=best_metric,
-                                 best_mode=config.train.get("best_mode", "min"))
-  # From here on SIGTERM only sets a flag: the loop saves at the next step boundary.
-  preemption = _Preemption().install()
-  closers = [ckpt.close, preemption.uninstall]
-  try:
-    restored = ckpt.restore(abstract_state)
-    skipped = list(ckpt.skipped_steps)
-    if restored is not None:
-      state, start_step = restored.state, restored.step
-      train_iter.set_state(restored.data_state)
-      moved = ckpt.discard_skipped()
-      _say(f"resuming from step {start_step} in {workdir}" +
-           (f" (unreadable checkpoints moved aside: {moved})" if moved else ""))
-    else:
-      state, start_step = None, 0
-    if process_index == 0:
-      workdir_lib.write_text(workdir_lib.join(workdir, "config.json"),
-                             config.to_json_best_effort(indent=2, sort_keys=True))
+  result = trainer.run(
+      job(experiment, global_batch_size), train_iter, mesh, run_options,
+      workdir=workdir, config=config.to_dict(),
+      evaluate=evaluate_state if int(config.train.eval_every) else None)
+  return {"status": result.status, "step": result.step, "start_step": result.start_step,
+          "history": result.history, "data_stats": result.data_stats,
+          "skipped_checkpoints": result.skipped_checkpoints}
 
-    # ── Update ── (the initialiser and the train step compile at once, in two threads)
-    total_steps = int(config.train.steps)
-    step_fn = parallel.distribute_step(
-        train_lib.make_train_step(experiment.task, accum_steps=accum_steps),
-        mesh, strategy, state_sharding)
-    eval_fn = make_eval_fn(experiment)
-    jobs, first_batch = {}, None
-    if state is None:
-      jobs["init"] = jax.jit(experiment.init, out_shardings=state_sharding).lower()
-    if start_step < total_steps:
-      first_batch = parallel.global_batch(next(train_iter), mesh)
-      batch_shapes = jax.tree_util.tree_map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), first_batch)
-      jobs["step"] = step_fn.lower(abstract_state, batch_shapes)
-    compiled = compile_all(jobs)
-    if state is None:
-      state = compiled["init"]()
-    step_fn = compiled.get("step", step_fn)
 
-    # ── Loop ──
-    writer = monitor.MetricWriter(workdir)
-    progress = monitor.Progress(total_steps,
-                                enabled=bool(config.train.get("progress", True)))
-    closers += [writer.close, progress.close]
-    batch_flops = flops_per_batch(model_cfg, architecture, experiment.lengths,
-                                  global_batch_size)
-    peak = monitor.device_peak_flops() * jax.device_count()
-    # Text runs count tokens (every position of every row); vision runs count images.
-    unit = "tokens" if experiment.lengths else "images"
-    items_per_batch = global_batch_size * (sum(experiment.lengths.values()) or 1)
-    log_every = max(int(config.train.log_every), 1)
-    save_every = max(int(config.train.checkpoint_every), 1)
-    eval_every = int(config.train.eval_every)
-    history: list[dict[str, float]] = []
-    step = start_step
-    last_saved = start_step if restored is not None else None
-    status = "finished"
-    clock = {"time": time.perf_counter(), "step": step}
-
-    def finish(step_done: int, metrics) -> None:
-      """Fetches a step's metrics, stops on NaN, logs every `log_every` steps."""
-      values = _to_float(metrics)
-      try:
-        monitor.check_finite(step_done, values)
-      except FloatingPointError as e:
-        kept = (f"the last good checkpoint (step {last_saved}) is kept in {ckpt_dir}"
-                if last_saved is not None else "no checkpoint was written")
-        raise FloatingPointError(f"{e}; stopping: {kept}") from None
-      if step_done % log_every and step_done != total_steps:
-        return
-      now = time.perf_counter()
-      step_time = (now - clock["time"]) / max(step_done - clock["step"], 1)
-      clock.update(time=now, step=step_done)
-      values[f"{unit}_per_s"] = items_per_batch / step_time
-      if math.isfinite(batch_flops):
-        values["mfu"] = batch_flops / step_time / peak
-      values["step_time_s"] = step_time
-      writer.write(step_done, values)
-      history.append({"step": step_done, **values})
-      progress.update(step_done, values["loss"], values[f"{unit}_per_s"], values.get("mfu"),
-                      start_step, unit=unit)
-
-    pending = None
-    while step < total_steps:
-      if first_batch is not None:
-        batch, first_batch = first_batch, None
-      else:
-        batch = parallel.global_batch(next(train_iter), mesh)
-      state, metrics = step_fn(state, batch)
-      step += 1
-      # The previous step's metrics are fetched after this step is dispatched.
-      if pending is not None:
-        finish(*pending)
-      pending = (step, metrics)
-      must_save = step % save_every == 0 or step == total_steps or preemption.requested
-      eval_values = {}
-      if eval_every and (step % eval_every == 0 or step == total_steps):
-        eval_values = {f"eval/{k}": v for k, v in evaluate(
-            state.params, experiment, config, mesh, eval_fn, batch_size=local_batch_size,
-            num_batches=int(config.train.eval_batches), tokenizer=tokenizer).items()}
-        writer.write(step, eval_values)
-        history.append({"step": step, **eval_values})
-      if must_save:
-        finish(*pending)  # never save a state whose metrics are not finite
-        pending = None
-        best = ({best_metric: eval_values[best_metric]}
-                if best_metric and best_metric in eval_values else None)
-        ckpt.save(step, state, data_state=train_iter.get_state(), config=config.to_dict(),
-                  metrics=best, force=True)
-        last_saved = step
-      if preemption.requested:
-        status = "preempted"
-        _say(f"SIGTERM: saved step {step} in {ckpt_dir}; exiting")
-        break
-    if pending is not None:
-      finish(*pending)
-  finally:
-    for close in reversed(closers):
-      close()
-  data_stats = dict(getattr(train_iter, "stats", {}) or {})
-  return {"status": status, "step": step, "start_step": start_step, "history": history,
-          "data_stats": data_stats, "skipped_checkpoints": skipped}
+def job(experiment: Experiment, global_batch_size: int) -> trainer.Job:
+  """The engine's `Job` of an experiment: its task, initialiser and throughput accounting."""
+  unit = "tokens" if experiment.lengths else "images"
+  return trainer.Job(
+      experiment.task, experiment.init,
+      flops_per_batch=flops_per_batch(experiment.model_cfg, experiment.architecture,
+                                      experiment.lengths, global_batch_size),
+      items_per_batch=global_batch_size * (sum(experiment.lengths.values()) or 1), unit=unit)
 
 
 def last_values(history: list[dict[str, float]]) -> dict[str, float]:
@@ -426,11 +349,15 @@ def last_values(history: list[dict[str, float]]) -> dict[str, float]:
 
 
 def restore_params(config: ml_collections.ConfigDict, workdir: str):
-  """(experiment, params, step) of the newest readable checkpoint in `workdir` (one device)."""
+  """(experiment, params, step) of the newest readable checkpoint in `workdir`, on one device.
+
+  Reads a checkpoint written on any mesh and by any number of processes (only the
+  parameters' values matter here, not their layout).
+  """
   experiment = build(config)
   ckpt = checkpoint.Checkpointer(workdir_lib.join(workdir, "checkpoints"), async_save=False)
   try:
-    restored = ckpt.restore(jax.eval_shape(experiment.init))
+    restored = ckpt.restore(jax.eval_shape(experiment.init), data=False)
   finally:
     ckpt.close()
   if restored is None:

@@ -53,7 +53,7 @@ def device_peak_flops(device=None) -> float:
     return float("nan")
 
 
-def _summary_writer(logdir: str):
+def _summary_writer(logdir: str, purge_step: int | None = None):
   """A tensorboardX `SummaryWriter`, imported without pulling in torch.
 
   tensorboardX imports torch (when installed) only to recognise torch tensors, which seqlab
@@ -68,35 +68,45 @@ def _summary_writer(logdir: str):
   finally:
     if masked:
       del sys.modules["torch"]
-  return SummaryWriter(logdir)
+  return SummaryWriter(logdir, purge_step=purge_step)
 
 
 class MetricWriter:
-  """Appends metrics to `metrics.jsonl` and TensorBoard event files under `workdir`.
+  """Writes metrics to `metrics.jsonl` and TensorBoard event files under `workdir`.
+
+  `resume_step` is the step a resumed run restarts from: rows logged after it by the earlier
+  run (steps it replays now) are dropped, so the file holds each step once and in order after
+  any number of resumes, and TensorBoard purges its events past that step. `None` (a fresh
+  run) starts an empty file. `rows` holds what was kept. Only process 0 writes.
 
   A cloud-storage work directory (`gs://...`) cannot be appended to: the files are written in a
   local scratch directory and copied over their remote counterparts at most every
   `mirror_every_s` seconds and at `close()`.
   """
 
-  def __init__(self, workdir: str, *, enabled: bool = True, mirror_every_s: float = 60.0):
+  def __init__(self, workdir: str, *, resume_step: int | None = None, enabled: bool = True,
+               mirror_every_s: float = 60.0):
     self.enabled = enabled and jax.process_index() == 0
     self._tb = None
     self._remote = workdir if workdir_lib.is_remote(workdir) else None
     self._mirror_every_s, self._mirrored_at = mirror_every_s, time.monotonic()
+    self.rows: list[dict[str, float]] = []
+    if resume_step is not None:
+      previous = workdir_lib.join(workdir, "metrics.jsonl")
+      if workdir_lib.isfile(previous):
+        self.rows = [row for row in read_jsonl(workdir_lib.read_text(previous))
+                     if row.get("step", math.inf) <= resume_step]
     if self.enabled:
-      if self._remote:
-        local = tempfile.mkdtemp(prefix="seqlab_metrics_")
-        # Resume appends to what the earlier run wrote.
-        previous = workdir_lib.join(self._remote, "metrics.jsonl")
-        if workdir_lib.isfile(previous):
-          workdir_lib.copy(previous, os.path.join(local, "metrics.jsonl"))
-      else:
-        local = workdir
+      local = tempfile.mkdtemp(prefix="seqlab_metrics_") if self._remote else workdir
       self._local = local
       os.makedirs(local, exist_ok=True)
-      self._jsonl = open(os.path.join(local, "metrics.jsonl"), "a")
-      self._tb = _summary_writer(os.path.join(local, "tensorboard"))
+      path = os.path.join(local, "metrics.jsonl")
+      with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in self.rows)
+      os.replace(path + ".tmp", path)
+      self._jsonl = open(path, "a")
+      self._tb = _summary_writer(os.path.join(local, "tensorboard"),
+                                 purge_step=None if resume_step is None else resume_step + 1)
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self.enabled:
@@ -158,6 +168,17 @@ class Progress:
     if self.enabled:
       self.stream.write("\n")
       self.stream.flush()
+
+
+def read_jsonl(text: str) -> list[dict[str, Any]]:
+  """The rows of a `metrics.jsonl` text; a torn last line (a killed write) is ignored."""
+  rows = []
+  for line in text.splitlines():
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
+  return rows
 
 
 def check_finite(step: int, metrics: dict[str, Any]) -> None:

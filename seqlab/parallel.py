@@ -43,14 +43,19 @@ MESH_AXES = ("data", "fsdp")
 
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
+                           process_id: int | None = None, *,
+                           heartbeat_timeout_s: int | None = None) -> None:
   """Joins a multi-process run: automatic on TPU pods / SLURM, or an explicit coordinator.
 
   On CPU, cross-process collectives use gloo over TCP (jax's default
   `jax_cpu_collectives_implementation`), so local multi-process runs need nothing else.
+  `heartbeat_timeout_s` bounds how long the others wait for a process that died before the
+  coordination service stops them with an error (JAX's default when None).
   """
+  extra = {} if heartbeat_timeout_s is None else {
+      "heartbeat_timeout_seconds": int(heartbeat_timeout_s)}
   if not coordinator_address and not num_processes and process_id is None:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**extra)
     return
   if not coordinator_address or not num_processes or process_id is None:
     raise ValueError(f"coordinator_address={coordinator_address!r}, num_processes="
@@ -58,7 +63,7 @@ def initialize_distributed(coordinator_address: str | None = None,
   if not 0 <= process_id < num_processes:
     raise ValueError(f"process_id={process_id} is outside [0, num_processes={num_processes})")
   jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+                             num_processes=num_processes, process_id=process_id, **extra)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = None) -> Mesh:

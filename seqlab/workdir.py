@@ -60,3 +60,8 @@ def copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
 
 def rename(source: str | os.PathLike, target: str | os.PathLike) -> None:
   epath.Path(os.fspath(source)).rename(epath.Path(os.fspath(target)))
+
+
+def makedirs(path: str | os.PathLike) -> None:
+  """Creates the directory `path` and its parents (a no-op if it exists)."""
+  epath.Path(os.fspath(path)).mkdir(parents=True, exist_ok=True)

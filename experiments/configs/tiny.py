@@ -48,14 +48,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.batch_size = 16       # global, over all devices and processes
   config.data.packing = True
 
+  # total_steps=0: the schedule spans train.steps (and stretches when a resume raises it).
   config.optimizer = ml_collections.ConfigDict(dict(
-      name="adamw", learning_rate=3e-3, schedule="cosine", warmup_steps=10, total_steps=40,
+      name="adamw", learning_rate=3e-3, schedule="cosine", warmup_steps=10, total_steps=0,
       end_learning_rate_fraction=0.1, weight_decay=0.0, b1=0.9, b2=0.98, eps=1e-9,
       clip_norm=1.0))
 
   config.train = ml_collections.ConfigDict(dict(
       steps=40, log_every=10, eval_every=20, eval_batches=2, checkpoint_every=20,
-      max_to_keep=2, best_metric="", best_mode="min", accum_steps=1, progress=True))
+      max_to_keep=2, best_metric="", best_mode="min", accum_steps=1, progress=True,
+      stop_check_every=1))
   config.train.task_kwargs = ml_collections.ConfigDict()
 
   # strategy "data" (replicated state, shard_map + psum) or "fsdp" (sharded state, jit);
@@ -64,6 +66,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict(dict(strategy="data", data=-1, fsdp=1, rules=()))
   # initialize=True: jax.distributed.initialize() with no arguments (TPU pods, SLURM find the
   # processes themselves); or an explicit coordinator with num_processes > 1.
+  # heartbeat_timeout_s: how soon the other processes stop (exit non-zero) when one dies.
   config.distributed = ml_collections.ConfigDict(dict(
-      initialize=False, coordinator_address="", num_processes=0, process_id=0))
+      initialize=False, coordinator_address="", num_processes=0, process_id=0,
+      heartbeat_timeout_s=30))
   return config
