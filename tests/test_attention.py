@@ -1,4 +1,5 @@
-"""seqlab.attention against NumPy float64 oracles, hand-built masks and jax.nn."""
+"""seqlab.attention against NumPy float64 oracles, hand-built masks and jax.nn; every tuned path
+of seqlab.attention_kernels against the reference path, `attention.reference_attention`."""
 
 import functools
 from unittest import mock
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from seqlab import attention
+from seqlab import attention, attention_kernels
 
 import _helpers
 
@@ -55,9 +56,14 @@ def random_qkv(rng, batch, q_len, kv_len, num_heads, num_kv_heads, head_dim, dty
 def blocks_of(block_bytes):
   """Context: dot_product_attention's XLA path uses blocks of `block_bytes` (None = default)."""
   if block_bytes is None:
-    return mock.patch.object(attention, "_BLOCK_BYTES", attention._BLOCK_BYTES)
-  return mock.patch.multiple(attention, _BLOCK_BYTES=block_bytes,
+    return mock.patch.object(attention_kernels, "_BLOCK_BYTES", attention_kernels._BLOCK_BYTES)
+  return mock.patch.multiple(attention_kernels, _BLOCK_BYTES=block_bytes,
                              _WHOLE_LOGITS_BYTES=4 * block_bytes)
+
+
+def causal_chunk_rows(rows):
+  """Context: causal self-attention splits its queries into chunks of about `rows`."""
+  return mock.patch.object(attention_kernels, "_CAUSAL_CHUNK_ROWS", rows)
 
 
 def jitted(fn, q, k, v, **kwargs):
@@ -72,6 +78,89 @@ LAYOUTS = [  # (function, num_heads, num_kv_heads)
     pytest.param(attention.multi_query_attention, 4, 1, id="MQA"),
     pytest.param(attention.grouped_query_attention, 6, 2, id="GQA"),
 ]
+
+# ----------------------------------------------------------------------------------------------
+# The reference path against the oracle; every tuned path against both.
+# ----------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=16, deadline=None)
+@given(batch=st.integers(1, 2), q_len=st.integers(1, 6), kv_len=st.integers(1, 6),
+       num_kv_heads=st.integers(1, 3), groups=st.integers(1, 3), head_dim=st.integers(1, 8),
+       mask_dims=st.none() | st.lists(st.booleans(), min_size=4, max_size=4),
+       bias_dims=st.none() | st.lists(st.booleans(), min_size=4, max_size=4),
+       scale=st.none() | st.floats(0.1, 2.0), seed=st.integers(0, 2**31 - 1))
+def test_reference_matches_oracle(batch, q_len, kv_len, num_kv_heads, groups, head_dim,
+                                  mask_dims, bias_dims, scale, seed):
+  """`reference_attention` is the float64 oracle in float32, for any head grouping and any
+  broadcast pattern of mask and bias (True = full size); rows with no allowed key are 0."""
+  rng = np.random.default_rng(seed)
+  num_heads = num_kv_heads * groups
+  q, k, v = random_qkv(rng, batch, q_len, kv_len, num_heads, num_kv_heads, head_dim)
+  full = (batch, num_heads, q_len, kv_len)
+  pick = lambda dims: tuple(size if keep else 1 for size, keep in zip(full, dims))
+  mask = None if mask_dims is None else rng.random(pick(mask_dims)) < 0.6
+  bias = None if bias_dims is None else rng.normal(size=pick(bias_dims)).astype(np.float32)
+  out = jitted(functools.partial(attention.reference_attention, scale=scale), q, k, v,
+               mask=mask, bias=bias)
+  assert out.dtype == jnp.float32 and out.shape == q.shape
+  assert rel_error(out, np_attention(q, k, v, mask, bias, scale)) < 1e-5
+  if mask is not None:
+    empty_rows = ~np.broadcast_to(mask, full).any(axis=-1)     # [B, N, T]
+    assert np.all(np.asarray(out).transpose(0, 2, 1, 3)[empty_rows] == 0)
+
+
+def test_reference_bfloat16_matches_oracle_with_finite_gradients():
+  rng = np.random.default_rng(5)
+  q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in random_qkv(rng, 2, 5, 7, 6, 2, 16))
+  mask = rng.random((2, 6, 5, 7)) < 0.6
+  mask[:, :, 2] = False
+  bias = rng.normal(size=(1, 6, 5, 7)).astype(np.float32)
+  out = attention.reference_attention(q, k, v, mask=mask, bias=bias)
+  assert out.dtype == jnp.bfloat16
+  assert rel_error(out, np_attention(q, k, v, mask, bias)) < 1e-2
+  assert np.all(np.asarray(out[:, 2], np.float32) == 0)
+  loss = lambda q, k, v: jnp.sum(attention.reference_attention(
+      q, k, v, mask=mask, bias=bias).astype(jnp.float32) ** 2)
+  for grad in jax.grad(loss, argnums=(0, 1, 2))(q, k, v):
+    assert np.all(np.isfinite(np.asarray(grad, np.float32)))
+
+
+TUNED_PATHS = {  # name: (block bytes, causal chunk rows); None = the default / not causal
+    "whole": (None, None),
+    "blocked": (64, None),
+    "causal-chunks": (None, 3),        # T = 10 in chunks of 3, 3 and 4 queries
+    "causal-chunks-blocked": (64, 3),
+}
+
+
+@pytest.mark.parametrize("path", list(TUNED_PATHS))
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 4), (6, 2), (4, 1)],
+                         ids=["MHA", "GQA", "MQA"])
+def test_tuned_paths_match_reference_and_oracle(path, num_heads, num_kv_heads):
+  """The XLA paths of `attention_kernels.attend` (whole, the blocked loop with the block size
+  forced down, causal chunks with and without blocks) equal `reference_attention` and the
+  oracle, with GQA/MQA grouping, a padding mask, a bias and a query row with no allowed key."""
+  block_bytes, chunk_rows = TUNED_PATHS[path]
+  is_causal = chunk_rows is not None
+  rng = np.random.default_rng([num_heads, num_kv_heads, len(path)])
+  q, k, v = random_qkv(rng, 2, 10, 10, num_heads, num_kv_heads, 8)
+  mask = rng.random((2, 1, 10, 10)) < 0.7
+  mask[0, 0, 4] = False                                     # query 4 of example 0 sees nothing
+  bias = rng.normal(size=(1, num_heads, 10, 10)).astype(np.float32)
+  full_mask = mask & np.tril(np.ones((10, 10), bool)) if is_causal else mask
+  fn = lambda q, k, v, m, b: attention.dot_product_attention(q, k, v, mask=m, bias=b,
+                                                             is_causal=is_causal)
+  with blocks_of(block_bytes), causal_chunk_rows(chunk_rows or 128):
+    jaxpr = str(jax.make_jaxpr(fn)(q, k, v, mask, bias))
+    out = jax.jit(fn)(q, k, v, mask, bias)
+    assert attention_kernels._causal_chunks(10) == (3 if is_causal else 1)
+  assert (" scan[" in jaxpr) == (block_bytes is not None)  # the blocked loop ran, or did not
+  reference = attention.reference_attention(q, k, v, mask=full_mask, bias=bias)
+  assert rel_error(out, reference) < 1e-5
+  assert rel_error(out, np_attention(q, k, v, full_mask, bias)) < 1e-5
+  assert np.all(np.asarray(out[0, 4]) == 0)
+
 
 # ----------------------------------------------------------------------------------------------
 # dot_product_attention and the three layouts against the oracle.
@@ -149,7 +238,7 @@ def test_large_inputs_are_computed_in_blocks():
   mask[0, 0, 7] = False
   bias = rng.normal(size=(1, 4, 300, 1100)).astype(np.float32)
   fn = lambda q, k, v, m, b: attention.dot_product_attention(q, k, v, mask=m, bias=b)
-  with mock.patch.object(attention, "_WHOLE_LOGITS_BYTES", 4 << 20):
+  with mock.patch.object(attention_kernels, "_WHOLE_LOGITS_BYTES", 4 << 20):
     assert " scan[" in str(jax.make_jaxpr(fn)(q, k, v, mask, bias))  # the loop over blocks
     out = jax.jit(fn)(q, k, v, mask, bias)
   assert np.all(np.asarray(out[0, 7]) == 0)
@@ -303,8 +392,9 @@ GRADIENT_CASES = {
 
 
 @pytest.mark.parametrize("case", list(GRADIENT_CASES))
-def test_gradients_match_autodiff_of_plain_attention(case):
-  """The written-out gradient (`_attend_trainable_bwd`) against autodiff of `jnp_attention`:
+def test_gradients_match_autodiff_of_reference(case):
+  """The written-out gradient (`_attend_trainable_bwd`) against autodiff of
+  `reference_attention` and of the test's own `jnp_attention` (K/V repeated to N heads):
   GQA/MQA, static and traced masks of every broadcast pattern, fully masked rows, biases
   broadcast over batch or rows (their gradient summed back), causal chunks (T = 10 in chunks
   of 3, 3, 4) and blocks."""
@@ -325,7 +415,7 @@ def test_gradients_match_autodiff_of_plain_attention(case):
     return lambda q, k, v, b: jnp.sum(fn(q, k, v, mask=mask, bias=b, **kwargs) * cotangent)
 
   argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
-  with blocks_of(blocks), mock.patch.object(attention, "_CAUSAL_CHUNK_ROWS", 3):
+  with blocks_of(blocks), causal_chunk_rows(3):
     if dynamic:  # the mask is traced
       grads = jax.jit(lambda q, k, v, b, m: jax.grad(
           loss(attention.dot_product_attention, m, is_causal=is_causal), argnums)(q, k, v, b))(
@@ -333,10 +423,11 @@ def test_gradients_match_autodiff_of_plain_attention(case):
     else:
       grads = jax.jit(jax.grad(loss(attention.dot_product_attention, mask, is_causal=is_causal),
                                argnums))(q, k, v, bias)
-  expected = jax.jit(jax.grad(loss(jnp_attention, reference_mask), argnums))(q, k, v, bias)
-  for name, grad, want in zip("qkvb", grads, expected):
-    assert np.asarray(grad).shape == np.asarray(want).shape, name
-    assert rel_error(grad, want) < 2e-5, name
+  for reference in (attention.reference_attention, jnp_attention):
+    expected = jax.jit(jax.grad(loss(reference, reference_mask), argnums))(q, k, v, bias)
+    for name, grad, want in zip("qkvb", grads, expected):
+      assert np.asarray(grad).shape == np.asarray(want).shape, name
+      assert rel_error(grad, want) < 2e-5, (reference.__name__, name)
   if mask is not None and mask_shape[2] > 1:
     assert np.all(np.asarray(grads[0])[:, 3] == 0)  # the masked row's queries get nothing
 
@@ -348,7 +439,7 @@ def test_is_causal_forward_matches_oracle_in_chunks():
   causal = np.tril(np.ones((11, 11), bool))[None, None]
   expected = np_attention(q, k, v, mask & causal)
   for rows in (128, 4, 1):  # one chunk; 11 queries in 2 chunks; in 8 chunks (the cap)
-    with mock.patch.object(attention, "_CAUSAL_CHUNK_ROWS", rows):
+    with causal_chunk_rows(rows):
       out = jax.jit(lambda q, k, v, m: attention.dot_product_attention(
           q, k, v, mask=m, is_causal=True))(q, k, v, mask)
     assert rel_error(out, expected) < 1e-6, rows
@@ -422,7 +513,7 @@ def test_cudnn_route_keeps_seqlab_semantics(monkeypatch):
                       bias_dtype=bias.dtype))
     return original(q, k, v, bias=bias, mask=mask, scale=scale, implementation="xla")
 
-  monkeypatch.setattr(attention, "current_backend", lambda: HOPPER)
+  monkeypatch.setattr(attention_kernels, "current_backend", lambda: HOPPER)
   monkeypatch.setattr(jax.nn, "dot_product_attention", fake_cudnn)
   rng = np.random.default_rng(42)
   q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in random_qkv(rng, 2, 4, 6, 4, 2, 8))
@@ -433,7 +524,10 @@ def test_cudnn_route_keeps_seqlab_semantics(monkeypatch):
   assert calls == [dict(implementation="cudnn", mask_shape=(2, 1, 4, 6),
                         bias_dtype=jnp.bfloat16)]
   assert np.all(np.asarray(out[1], np.float32) == 0)
-  assert rel_error(out, np_attention(q, k, v, mask, np.asarray(bias, jnp.bfloat16))) < 1e-2
+  bias_bf16 = np.asarray(bias, jnp.bfloat16)
+  assert rel_error(out, np_attention(q, k, v, mask, bias_bf16)) < 1e-2
+  reference = attention.reference_attention(q, k, v, mask=mask, bias=jnp.asarray(bias_bf16))
+  assert rel_error(out, reference) < 1e-2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,9 +590,36 @@ def test_cache_attention_equals_writing_then_attending(block_bytes, index):
         q, k_old.transpose(0, 2, 3, 1), v_old.transpose(0, 2, 1, 3), k_new, v_new,
         mask=mask, bias=bias)
   assert rel_error(out, expected) < 1e-5
+  assert rel_error(out, attention.reference_attention(q, k_ref, v_ref, mask=mask, bias=bias)) < 1e-5
   np.testing.assert_array_equal(out[0, 1], 0.0)
   np.testing.assert_array_equal(k_cache, k_ref.transpose(0, 2, 3, 1))  # [B, K, H, L]
   np.testing.assert_array_equal(v_cache, v_ref.transpose(0, 2, 1, 3))  # [B, K, L, H]
+
+
+@pytest.mark.parametrize("block_bytes", [None, 64])  # 64: the prompt is written, then blocked
+@pytest.mark.parametrize("num_kv_heads", [2, 1], ids=["GQA", "MQA"])
+def test_cache_decoding_equals_reference_on_the_full_sequence(block_bytes, num_kv_heads):
+  """A 2-token prompt, then 4 tokens one at a time, through `cache_attention` (the update path
+  `_attend_cache_update` for single tokens) equal causal `reference_attention` over all 6."""
+  rng = np.random.default_rng(num_kv_heads)
+  batch, length, num_heads, head_dim = 2, 6, 4, 8
+  q, k, v = random_qkv(rng, batch, length, length, num_heads, num_kv_heads, head_dim)
+  key_valid = np.ones((batch, length), bool)
+  key_valid[1, 0] = False                                   # a padded first token
+  mask = key_valid[:, None, None, :] & np.tril(np.ones((length, length), bool))
+  k_cache = np.zeros((batch, num_kv_heads, head_dim, length), np.float32)
+  v_cache = np.zeros((batch, num_kv_heads, length, head_dim), np.float32)
+  step = jax.jit(attention.cache_attention)
+  outs = []
+  with blocks_of(block_bytes):
+    for start, end in [(0, 2), (2, 3), (3, 4), (4, 5), (5, 6)]:
+      out, k_cache, v_cache = step(q[:, start:end], k_cache, v_cache, k[:, start:end],
+                                   v[:, start:end], start, mask=mask[:, :, start:end])
+      outs.append(out)
+  out = jnp.concatenate(outs, axis=1)
+  assert rel_error(out, attention.reference_attention(q, k, v, mask=mask)) < 1e-5
+  assert rel_error(out, np_attention(q, k, v, mask)) < 1e-5
+  np.testing.assert_array_equal(out[1, 0], 0.0)            # the padded token sees no key
 
 
 # ----------------------------------------------------------------------------------------------
@@ -604,11 +725,11 @@ def test_shifted_window_attention_gradients_match_autodiff():
   grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, bias)
 
   def autodiff_attend(q, k, v, mask, bias, scale, keys_transposed=False):
-    row_valid = attention._row_valid(mask)
-    return attention._attend_inference(q, k, v, mask, bias, row_valid, scale,
-                                       keys_transposed).astype(q.dtype)
+    row_valid = attention_kernels._row_valid(mask)
+    return attention_kernels._attend_inference(q, k, v, mask, bias, row_valid, scale,
+                                               keys_transposed).astype(q.dtype)
 
-  with mock.patch.object(attention, "_attend", autodiff_attend):
+  with mock.patch.object(attention_kernels, "attend_head_major", autodiff_attend):
     expected = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, bias)
   for name, grad, want in zip("qkvb", grads, expected):
     assert rel_error(grad, want) < 1e-5, name
@@ -647,7 +768,7 @@ def test_training_benchmark_variants_compute_the_same_gradients():
   bench = _helpers.load_script("experiments/benchmarks/attention_training.py",
                                "bench_attention_training")
   # 5 causal chunks of 8 queries; blocks of 3 queries
-  with mock.patch.multiple(attention, _CAUSAL_CHUNK_ROWS=8, _BLOCK_BYTES=4 * 40 * 3):
+  with mock.patch.multiple(attention_kernels, _CAUSAL_CHUNK_ROWS=8, _BLOCK_BYTES=4 * 40 * 3):
     fns = bench.jax_variants(*bench.make_inputs(2, 40, 2, 8))
   expected = fns.pop("jax.nn")()
   for name, fn in fns.items():

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from seqlab import attention, convert
+from seqlab import attention_kernels, convert
 from seqlab.convert import text
 
 TOL = 1e-4
@@ -29,7 +29,7 @@ def _causal_chunk_rows(rows):
   """Context: causal self-attention splits its queries into chunks of about `rows`."""
   if rows is None:
     return contextlib.nullcontext()
-  return mock.patch.object(attention, "_CAUSAL_CHUNK_ROWS", rows)
+  return mock.patch.object(attention_kernels, "_CAUSAL_CHUNK_ROWS", rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,7 +49,7 @@ def _gpt2_tokens():
 
 @pytest.mark.parametrize("chunk_rows", [None, 4], ids=["default", "causal-chunks"])
 def test_gpt2_logits_match_hugging_face(chunk_rows):
-  """chunk_rows=4 splits the 12 causal queries into 3 chunks (`attention._causal_chunks`)."""
+  """chunk_rows=4 puts the 12 causal queries in 3 chunks (`attention_kernels._causal_chunks`)."""
   hf = _hf_gpt2()
   config = text.gpt2_config_from_hf(hf.config, dropout_rate=0.0)
   params = text.gpt2_from_hf(hf.state_dict(), config)

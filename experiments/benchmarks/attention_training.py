@@ -39,11 +39,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_throughput import median_step_seconds  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from seqlab import attention, host_memory  # noqa: E402  pylint: disable=g-import-not-at-top
+from seqlab import attention_kernels  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def _autodiff_attend(q, k, v, mask, bias, scale, keys_transposed=False):
-  row_valid = attention._row_valid(mask)  # pylint: disable=protected-access
-  return attention._attend_inference(  # pylint: disable=protected-access
+  row_valid = attention_kernels._row_valid(mask)  # pylint: disable=protected-access
+  return attention_kernels._attend_inference(  # pylint: disable=protected-access
       q, k, v, mask, bias, row_valid, scale, keys_transposed).astype(q.dtype)
 
 
@@ -75,8 +76,9 @@ def jax_variants(q, k, v, g, mask) -> dict:
   return {
       "seqlab": bind(seqlab_causal),
       "seqlab, no is_causal": bind(seqlab_mask),
-      "seqlab, blocks": bind(seqlab_causal, [(attention, "_WHOLE_LOGITS_BYTES", 0)]),
-      "seqlab, autodiff": bind(seqlab_mask, [(attention, "_attend", _autodiff_attend)]),
+      "seqlab, blocks": bind(seqlab_causal, [(attention_kernels, "_WHOLE_LOGITS_BYTES", 0)]),
+      "seqlab, autodiff": bind(seqlab_mask, [(attention_kernels, "attend_head_major",
+                                                _autodiff_attend)]),
       "jax.nn": bind(lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m,
                                                                      is_causal=True)),
   }
