@@ -60,12 +60,13 @@ def _saved_config(workdir: str):
   return ml_collections.ConfigDict(json.loads(workdir_lib.read_text(path)))
 
 
-_RESULTS = sys.stdout  # the JSON lines; `main` points it at the real stdout
+_RESULTS = None  # where the JSON lines go: the real stdout once `main` has taken it
 
 
 def _emit(record: dict) -> None:
-  _RESULTS.write(json.dumps(record) + "\n")
-  _RESULTS.flush()
+  out = _RESULTS or sys.stdout
+  out.write(json.dumps(record) + "\n")
+  out.flush()
 
 
 def _round(values: dict) -> dict:
@@ -140,7 +141,7 @@ def _results_to_real_stdout() -> None:
   """Keeps stdout for the JSON lines: file descriptor 1 is pointed at stderr, so whatever C++
   libraries print (the distributed runtime's gloo among them) lands there."""
   global _RESULTS
-  if _RESULTS is not sys.__stdout__ or sys.stdout is not sys.__stdout__:
+  if _RESULTS is not None or sys.stdout is not sys.__stdout__:
     return  # already done, or stdout is captured (tests): leave it alone
   try:
     sys.stdout.flush()
@@ -151,6 +152,21 @@ def _results_to_real_stdout() -> None:
     pass
 
 
+def _ignore_closed_event_loops() -> None:
+  """Drops one known line of noise: orbax's reader threads, after a damaged checkpoint, call
+  into their already closed asyncio loop; Python then prints "Exception ignored ... Event loop
+  is closed" tracebacks that bury the one warning that matters."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
+        unraisable.exc_value):
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
+
+
 def main(argv=None) -> int:
   """Entry point of `seqlab` / `python -m seqlab`; returns the exit status."""
   host_memory.keep_freed_host_memory()  # before JAX starts: see seqlab/host_memory.py
@@ -158,6 +174,7 @@ def main(argv=None) -> int:
   if argv is None:
     _results_to_real_stdout()
   logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's routine INFO / WARNING lines
+  _ignore_closed_event_loops()
   try:
     if args.command == "train":
       bad = [r for r in rest if not r.startswith(("--config.", "config."))]

@@ -1,11 +1,12 @@
 """Keep freed host memory for reuse, so XLA:CPU's per-step temporary buffer is not faulted in
 again on every step.
 
-XLA:CPU allocates one temporary buffer for each execution of a compiled program (563 MB for the
-train step of `experiments/benchmarks/train_throughput.py`) with `malloc`, from one of its
-worker threads. glibc serves any request over 32 MB with a fresh `mmap` and gives the pages back
-to the kernel at `free`, so every step page-faults the whole buffer in again: 144,000 minor faults
-and 0.33 s of kernel time per step there, a third of the step.
+XLA:CPU allocates one temporary buffer for each execution of a compiled program (hundreds of MB
+for a real model's train step) with `malloc`, from one of its worker threads. glibc serves any
+request over 32 MB with a fresh `mmap` and gives the pages back to the kernel at `free`, so
+every step page-faults the whole buffer in again, in kernel time that grows with the buffer
+(`tests/test_host_memory.py` counts the faults; `experiments/benchmarks/train_throughput.py`
+shows the step time).
 
 `keep_freed_host_memory()` switches glibc to keep what it frees: no `mmap` for large blocks
 (`M_MMAP_MAX = 0`), no trimming of the heap (`M_TRIM_THRESHOLD`), and one arena

@@ -217,9 +217,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"optimizer.learning_rate={lr!r} must be a finite number > 0")
   total = int(opt.get("total_steps", 0) or 0) or steps
   warmup = opt.get("warmup_steps", 0)
-  if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup < max(total, 2):
+  if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup <= total:
     raise ValueError(f"optimizer.warmup_steps={warmup!r} must be an integer in [0, "
-                     f"total steps={total})")
+                     f"total steps={total}]")
   if config.data.get("source_kwargs") is not None and not hasattr(
       config.data.source_kwargs, "keys"):
     raise ValueError(f"data.source_kwargs={config.data.source_kwargs!r} is not a mapping")

@@ -245,7 +245,8 @@ def config_drift(saved: dict, new: dict, resumable=RESUMABLE_FIELDS) -> list[str
   a, b = _flatten(json.loads(checkpoint.dumps(saved))), _flatten(json.loads(
       checkpoint.dumps(new)))
   allowed = lambda key: any(key == r or key.startswith(r + ".") for r in resumable)
-  return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+  show = lambda tree, key: repr(tree[key]) if key in tree else "<absent>"
+  return [f"{k}: {show(a, k)} -> {show(b, k)}"
           for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not allowed(k)]
 
 

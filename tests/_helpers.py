@@ -25,6 +25,12 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 TINY = os.path.join(ROOT, "experiments", "configs", "tiny.py")
 SHARED_CACHE = "xla_cache"
+# tests/_multihost_worker.py's two-process run; the single-process reference
+# (tests/_multidevice_worker.py) and the checks in tests/test_multihost.py use the same.
+MULTIHOST_OVERRIDES = ("data.seq_length=64", "optimizer.eps=1e-6", "optimizer.warmup_steps=2", "train.steps=4",
+                       "train.log_every=1", "train.eval_every=0", "train.checkpoint_every=4",
+                       "train.progress=False", "mesh.strategy=fsdp", "mesh.data=2",
+                       "mesh.fsdp=2")
 
 
 def load_script(relative_path: str, name: str):

@@ -121,7 +121,7 @@ def multihost_reference(runner: Runner) -> list[float]:
 
 
 def bad_batch_size(scratch: str) -> str:
-  config = tiny_config("decoder", "data.batch_size=12", "train.steps=1")
+  config = tiny_config("decoder", "data.batch_size=12", "train.steps=1", "optimizer.warmup_steps=0")
   try:
     loop.train_and_evaluate(config, os.path.join(scratch, "bad_batch"))
   except ValueError as e:

@@ -1,11 +1,14 @@
 """One process of a two-process run joined with `jax.distributed.initialize` on 127.0.0.1.
 
 Usage: _multihost_worker.py COORDINATOR_ADDRESS PROCESS_ID WORKDIR OUT_JSON
+           [PAUSE_AT MARKER] [key=value ...]
 Trains the tiny decoder for a few steps through `seqlab.loop.train_and_evaluate` with the
 config's `distributed.*` fields; each process feeds its own rows of the global batch. With
 COORDINATOR_ADDRESS "auto" the config sets `distributed.initialize=True` and JAX finds the
 processes itself, from the SLURM variables the test puts in the environment. Process 0
-writes the logged losses to OUT_JSON. Used by tests/test_multihost.py.
+writes the logged losses to OUT_JSON (with its status). With PAUSE_AT > 0 this process's input
+pauses at that batch, creating MARKER, until a signal arrives (tests/_paused_train.py); the
+key=value overrides follow the fixed ones. Used by tests/test_multihost.py.
 """
 
 import json
@@ -26,25 +29,32 @@ from seqlab import loop  # noqa: E402  pylint: disable=wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The single-process reference (tests/_multidevice_worker.py) uses the same overrides.
-OVERRIDES = ("data.seq_length=64", "optimizer.eps=1e-6", "train.steps=4", "train.log_every=1",
-             "train.eval_every=0", "train.checkpoint_every=4", "train.progress=False",
-             "mesh.strategy=fsdp", "mesh.data=2", "mesh.fsdp=2")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _helpers  # noqa: E402  pylint: disable=wrong-import-position
+
+OVERRIDES = _helpers.MULTIHOST_OVERRIDES
 
 
 def main():
   address, process_id, workdir, out = sys.argv[1:5]
+  extra = sys.argv[5:]
+  if len(extra) >= 2 and "=" not in extra[0]:
+    import _paused_train  # pylint: disable=g-import-not-at-top
+    if int(extra[0]) > 0:
+      _paused_train.pause_input(int(extra[0]), extra[1])
+    extra = extra[2:]
   config = config_lib.load_config(os.path.join(ROOT, "experiments", "configs", "tiny.py"))
   if address == "auto":
     joining = ["distributed.initialize=True"]
   else:
     joining = [f"distributed.coordinator_address={address}", "distributed.num_processes=2",
                f"distributed.process_id={process_id}"]
-  config = config_lib.apply_overrides(config, [*OVERRIDES, *joining])
+  config = config_lib.apply_overrides(config, [*OVERRIDES, *joining, *extra])
   result = loop.train_and_evaluate(config, workdir)
   if jax.process_index() == 0:
     with open(out, "w") as f:
-      json.dump({"process_count": jax.process_count(), "device_count": jax.device_count(),
+      json.dump({"status": result["status"], "step": result["step"],
+                 "start_step": result["start_step"], "process_count": jax.process_count(), "device_count": jax.device_count(),
                  "local_device_count": jax.local_device_count(),
                  "losses": [h["loss"] for h in result["history"] if "loss" in h],
                  "steps": [h["step"] for h in result["history"] if "loss" in h]}, f)

@@ -119,3 +119,85 @@ def test_dumps_makes_configs_and_data_states_json():
   text = checkpoint.dumps({"b": b"\x00\xff", "n": np.int64(3), "x": np.float32(0.5),
                            "a": np.arange(2)})
   assert json.loads(text) == {"a": [0, 1], "b": {"__bytes__": "\x00\xff"}, "n": 3, "x": 0.5}
+
+
+def _fingerprint_oracle(x: np.ndarray) -> int:
+  """sum_i bits_i * (((i * 2654435761) mod 2^32) | 1) mod 2^32 with Python integers."""
+  x = np.asarray(x)
+  bits = x.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]).ravel()
+  return sum(int(b) * (((i * 2654435761) % 2**32) | 1) for i, b in enumerate(bits)) % 2**32
+
+
+def test_fingerprints_match_the_formula_and_change_with_any_single_bit():
+  rng = np.random.default_rng(0)
+  tree = {"w": rng.normal(size=(3, 5)).astype(np.float32),
+          "h": rng.normal(size=(4,)).astype(jnp.bfloat16),
+          "n": rng.integers(0, 9, size=(2, 2, 2)).astype(np.int32),
+          "s": np.asarray(7, np.uint32)}
+  got = checkpoint.fingerprints(jax.tree_util.tree_map(jnp.asarray, tree))
+  assert got == {f"['{k}']": _fingerprint_oracle(v) for k, v in tree.items()}
+  flipped = tree["w"].copy()
+  for index in range(flipped.size):
+    for bit in (0, 13, 31):
+      flipped.view(np.uint32).ravel()[index] ^= np.uint32(1 << bit)
+      assert checkpoint.fingerprints({"w": jnp.asarray(flipped)})["['w']"] != got["['w']"]
+      flipped.view(np.uint32).ravel()[index] ^= np.uint32(1 << bit)
+
+
+def test_fingerprints_do_not_depend_on_the_sharding():
+  x = jnp.arange(4096, dtype=jnp.float32).reshape(64, 64) * 1e-3
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("fsdp",))
+  sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+      "fsdp")))
+  assert checkpoint.fingerprints({"x": sharded}) == checkpoint.fingerprints({"x": x})
+  assert checkpoint.fingerprints({"x": x})["['x']"] == _fingerprint_oracle(np.asarray(x))
+
+
+def test_a_flipped_bit_is_damage_and_restore_falls_back(tmp_path):
+  big = lambda seed: {"w": jnp.asarray(np.random.default_rng(seed).normal(
+      size=(64, 64)).astype(np.float32))}
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  for step in (1, 2):
+    ckpt.save(step, big(step))
+  ckpt.close()
+  files = [p for p in (tmp_path / "2" / "state").rglob("*") if p.is_file() and "/d/" in str(p)]
+  target = max(files, key=lambda p: p.stat().st_size)
+  data = bytearray(target.read_bytes())
+  data[len(data) // 2] ^= 0x04
+  target.write_bytes(bytes(data))
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  with pytest.warns(RuntimeWarning, match="step 2 .* unreadable .*fingerprint mismatch"):
+    restored = ckpt.restore({"w": jax.ShapeDtypeStruct((64, 64), jnp.float32)})
+  assert restored.step == 1 and ckpt.skipped_steps == [2]
+  assert np.array_equal(np.asarray(restored.state["w"]), np.asarray(big(1)["w"]))
+  ckpt.close()
+
+
+def test_a_failure_that_is_not_damage_names_its_cause_and_renames_nothing(tmp_path,
+                                                                        monkeypatch):
+  _save_steps(tmp_path, [1, 2])
+  before = _snapshot(tmp_path)
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+
+  def restore(*args, **kwargs):
+    raise RuntimeError("Topology mismatch: 8 devices in the checkpoint, 1 here")
+
+  monkeypatch.setattr(ckpt._manager, "restore", restore)  # pylint: disable=protected-access
+  with pytest.raises(checkpoint.CheckpointRestoreError,
+                     match="step 2 .*RuntimeError: Topology mismatch"):
+    ckpt.restore(_template())
+  assert ckpt.skipped_steps == [] and ckpt.discard_skipped() == []
+  ckpt.close()
+  assert _snapshot(tmp_path) == before
+
+
+def test_all_damaged_is_an_error_naming_the_steps(tmp_path):
+  _save_steps(tmp_path, [1, 2])
+  for path in tmp_path.rglob("*"):
+    if path.is_file() and "/d/" in str(path):
+      path.write_bytes(b"")
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  with pytest.warns(RuntimeWarning), pytest.raises(checkpoint.CheckpointRestoreError,
+                                                   match=r"no readable checkpoint among steps \[1, 2\]"):
+    ckpt.restore(_template())
+  ckpt.close()

@@ -9,9 +9,14 @@ rows, then process 1's), computed by the 8-device worker.
 
 import json
 import os
+import pathlib
+import signal
 import subprocess
 import sys
+import time
 
+import jax
+import numpy as np
 import portpicker
 import pytest
 
@@ -65,3 +70,84 @@ def test_two_processes_match_the_single_process_losses(tmp_path, joining):
   data = json.loads((tmp_path / "workdir" / "checkpoints" / "4" / "data" / "metadata")
                     .read_text())
   assert len(data["per_process"]) == 2 and data["per_process"][0] != data["per_process"][1]
+
+
+# ─── Preemption and a dead process ───────────────────────────────────────────────────────────
+
+STEPS = ("train.steps=6", "train.checkpoint_every=100")  # one checkpoint: at the end or SIGTERM
+
+
+def _start(tmp_path, name, pauses=("0", "0"), extra=()):
+  """Two workers on a fresh port; `pauses[i]` is process i's PAUSE_AT (0: never)."""
+  address = f"127.0.0.1:{portpicker.pick_unused_port()}"
+  worker = os.path.join(_helpers.TESTS, "_multihost_worker.py")
+  procs = []
+  for i in range(2):
+    marker = str(tmp_path / f"{name}.paused{i}")
+    procs.append(subprocess.Popen(
+        [sys.executable, worker, address, str(i), str(tmp_path / name),
+         str(tmp_path / f"{name}.json"), pauses[i], marker, *STEPS, *extra],
+        cwd=_helpers.ROOT, env=_helpers.subprocess_env(), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True))
+  return procs
+
+
+def _wait_for_file(path, procs, timeout=300.0):
+  deadline = time.monotonic() + timeout
+  while not os.path.exists(path):
+    assert all(p.poll() is None for p in procs), "a worker ended before pausing"
+    assert time.monotonic() < deadline, f"{path} never appeared"
+    time.sleep(0.02)
+
+
+def _final_state(workdir, step):
+  from seqlab import checkpoint, loop  # pylint: disable=g-import-not-at-top
+  config = _helpers.tiny_config("", *_helpers.MULTIHOST_OVERRIDES)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  try:
+    restored = ckpt.restore(jax.eval_shape(loop.build(config).init), step, data=False)
+  finally:
+    ckpt.close()
+  data = json.loads((pathlib.Path(workdir) / "checkpoints" / str(step) / "data" / "metadata")
+                    .read_text())
+  return restored.state, data
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_bitwise(tmp_path):
+  reference = _start(tmp_path, "uninterrupted")
+  for p in reference:
+    assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
+  # SIGTERM reaches process 0 only, while it waits for its 3rd batch; process 1 keeps going
+  # until the next agreement on the stop flag, and both stop after step 3.
+  procs = _start(tmp_path, "preempted", pauses=("3", "0"))
+  _wait_for_file(tmp_path / "preempted.paused0", procs)
+  procs[0].send_signal(signal.SIGTERM)
+  for p in procs:
+    assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
+  stopped = json.loads((tmp_path / "preempted.json").read_text())
+  assert stopped["status"] == "preempted" and stopped["step"] == 3
+  assert sorted(os.listdir(tmp_path / "preempted" / "checkpoints")) == ["3"]
+  resumed = _start(tmp_path, "preempted")
+  for p in resumed:
+    assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
+  final = json.loads((tmp_path / "preempted.json").read_text())
+  assert final["status"] == "finished" and final["start_step"] == 3 and final["step"] == 6
+  a, data_a = _final_state(tmp_path / "uninterrupted", 6)
+  b, data_b = _final_state(tmp_path / "preempted", 6)
+  leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  assert len(leaves_a) == len(leaves_b) > 30
+  for x, y in zip(leaves_a, leaves_b):
+    assert np.array_equal(np.asarray(x), np.asarray(y))
+  assert data_a == data_b  # both processes' data-iterator states
+
+
+def test_a_killed_process_stops_the_other_with_an_error_instead_of_a_hang(tmp_path):
+  procs = _start(tmp_path, "killed", pauses=("0", "3"),
+                 extra=("distributed.heartbeat_timeout_s=10",))
+  _wait_for_file(tmp_path / "killed.paused1", procs)
+  procs[1].kill()
+  start = time.monotonic()
+  _, err = procs[0].communicate(timeout=120)
+  assert procs[0].returncode != 0
+  assert time.monotonic() - start < 90
+  assert "another task died" in err
