@@ -113,7 +113,7 @@ def _final_state(workdir, step):
   return restored.state, data
 
 
-def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_bitwise(tmp_path):
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_bitwise(tmp_path, capsys):
   reference = _start(tmp_path, "uninterrupted")
   for p in reference:
     assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
@@ -139,6 +139,10 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_bitwise(tmp_p
   for x, y in zip(leaves_a, leaves_b):
     assert np.array_equal(np.asarray(x), np.asarray(y))
   assert data_a == data_b  # both processes' data-iterator states
+  # `seqlab eval` on one device reads what two processes wrote.
+  from seqlab import cli  # pylint: disable=g-import-not-at-top
+  assert cli.main(["eval", "--workdir", str(tmp_path / "preempted"), "--batches", "1"]) == 0
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 6
 
 
 def test_a_killed_process_stops_the_other_with_an_error_instead_of_a_hang(tmp_path):
