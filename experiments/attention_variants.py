@@ -28,18 +28,24 @@ each group of N / K heads (`mean_pool_kv_heads`), then training continues on the
 of the MHA run's data stream for `uptrain.fraction` of its steps. Rows: the converted model
 before fine-tuning, after it, the same K from scratch, and the MHA parent.
 
-Outputs in `<workdir>/<config.run>/`: results.csv, results.md, results.png, config.json.
+Outputs in `<workdir>/<config.run>/`: results.csv, results.md, results.png, config.json, and
+train/<variant> (train/<variant>_uptrain) per training: `seqlab.trainer`'s work directory,
+checkpoints every `train.checkpoint_every` steps and at the end. A rerun resumes a killed
+training there and reads finished ones back; one with another model, optimizer, steps or data
+is refused (use another --workdir). With a `distributed` section, launch the same command on
+every host (TPU_SETUP.md); process 0 writes the files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -53,7 +59,7 @@ import decode_cost  # noqa: E402  pylint: disable=g-import-not-at-top
 import attention_variants_report as report  # noqa: E402  pylint: disable=g-import-not-at-top
 import experiment_runs as runs  # noqa: E402  pylint: disable=g-import-not-at-top
 
-from seqlab import metrics, models, parallel
+from seqlab import loop, metrics, models
 from seqlab import train as train_lib
 from seqlab.data import pipeline as pipeline_lib
 from seqlab.data import sources, tokenizers
@@ -241,31 +247,6 @@ def paired_difference(per_batch: np.ndarray, reference: np.ndarray) -> tuple[flo
   return float(np.mean(diff)), stderr
 
 
-# ─── Training ────────────────────────────────────────────────────────────────────────────────
-
-
-def train(model_cfg, batches: Iterator[dict], *, steps: int, optimizer: Mapping[str, Any],
-          seed: int, mesh_config: Mapping[str, Any], params=None, log_every: int = 0,
-          label: str = "") -> dict[str, Any]:
-  """Trains `model_cfg` (from `params` when given, else a fresh init) for `steps` LM steps.
-
-  Returns {"params", "final_loss" (mean of the last 10% of steps), "time_s"}.
-  """
-  model = model_cfg.build()
-  tx = train_lib.make_optimizer(train_lib.OptimizerConfig(**dict(optimizer)))
-  state = runs.initial_state(
-      model, tx, params, seed,
-      lambda: jax.jit(model.init)(jax.random.key(seed), model_cfg.dummy_batch(1))["params"])
-  mesh = parallel.make_mesh(int(mesh_config["data"]), int(mesh_config["fsdp"]))
-  strategy = str(mesh_config["strategy"])
-  sharding = parallel.state_shardings(jax.eval_shape(lambda: state), mesh, strategy)
-  state = jax.device_put(state, sharding)
-  step_fn = parallel.distribute_step(train_lib.make_train_step(train_lib.lm_task()), mesh,
-                                     strategy, sharding)
-  return runs.train_loop(state, step_fn, batches, mesh, steps=steps, log_every=log_every,
-                         label=label, label_width=24)
-
-
 # ─── Inference cost (the rest in experiments/decode_cost.py) ───────────────────────────────
 
 
@@ -332,17 +313,30 @@ def validate(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def run(config: ml_collections.ConfigDict, out_dir: str) -> list[dict[str, Any]]:
   """Runs the experiment of `config` and writes its outputs to `out_dir`; returns the rows."""
   plan = validate(config)
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  is_writer = jax.process_index() == 0
+  if is_writer:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   steps, seed = int(config.train.steps), int(config.seed)
   batch_size, seq_length = int(config.data.batch_size), int(config.data.seq_length)
-  optimizer = config.optimizer.to_dict()
-  optimizer["total_steps"] = steps
-  mesh_config = config.mesh.to_dict()
-  log_every = int(config.train.log_every)
+  optimizer = train_lib.OptimizerConfig(**{**config.optimizer.to_dict(), "total_steps": steps})
+  inputs = {"seed": seed, "data": config.data.to_dict()}
   heldout = heldout_batches(config)
   started, cpu_started = time.perf_counter(), time.process_time()
+
+  def train(name, cfg, batches, opt, params=None, key_seed=seed):
+    """{"params" (on the host), "final_loss", "time_s"} of one training in train/<name>."""
+    start = time.perf_counter()
+    result = runs.train(cfg, opt, jax.random.key(key_seed), batches, config,
+                        steps=opt.total_steps, workdir=os.path.join(out_dir, "train", name),
+                        inputs=inputs, params=params, label=name)
+    return {"params": runs.host_params(result.state.params), "final_loss": result.final_loss(),
+            "time_s": time.perf_counter() - start}
+
+  def train_batches():
+    return make_batches(config, "train", seq_length=seq_length, seed=seed,
+                        **runs.process_rows(batch_size))
 
   rows: list[dict[str, Any]] = []
   trained: dict[str, dict[str, Any]] = {}
@@ -350,36 +344,31 @@ def run(config: ml_collections.ConfigDict, out_dir: str) -> list[dict[str, Any]]
   for name, num_kv_heads in plan["variants"].items():
     cfg = plan["configs"][name]
     runs.log(f"[{name}] num_kv_heads={num_kv_heads} params={models.num_params(cfg):,}")
-    batches = make_batches(config, "train", seq_length=seq_length, batch_size=batch_size,
-                           seed=seed)
-    result = train(cfg, batches, steps=steps, optimizer=optimizer, seed=seed,
-                   mesh_config=mesh_config, log_every=log_every, label=name)
+    batches = train_batches()
+    trained[name] = result = train(name, cfg, batches, optimizer)
     if name == "mha":
       parent_data_state = batches.get_state()
-    trained[name] = result
     rows.append({"variant": name, "num_kv_heads": num_kv_heads, "init": "scratch",
                  "train_steps": steps, "_cfg": cfg, "_result": result})
 
   up_steps = plan["uptrain_steps"]
   if plan["uptrain"]:
-    up_optimizer = dict(optimizer, learning_rate=float(config.uptrain.learning_rate),
-                        total_steps=up_steps,
-                        warmup_steps=round(float(config.uptrain.warmup_fraction) * up_steps))
+    up_optimizer = dataclasses.replace(
+        optimizer, learning_rate=float(config.uptrain.learning_rate), total_steps=up_steps,
+        warmup_steps=round(float(config.uptrain.warmup_fraction) * up_steps))
     parent = trained["mha"]
     for name in plan["uptrain"]:
       num_kv_heads = num_kv_heads_for(name, plan["configs"]["mha"].num_heads)
       cfg = next(c for c in plan["configs"].values() if c.num_kv_heads == num_kv_heads)
-      pooled = mean_pool_kv_heads(parent["params"], cfg.num_kv_heads)
+      pooled = jax.device_get(mean_pool_kv_heads(parent["params"], cfg.num_kv_heads))
       rows.append({"variant": name, "num_kv_heads": cfg.num_kv_heads,
                    "init": "mean-pooled mha, no fine-tuning", "train_steps": steps,
-                   "_cfg": cfg, "_result": {"params": jax.device_get(pooled),
-                                            "final_loss": float("nan"), "time_s": 0.0}})
-      batches = make_batches(config, "train", seq_length=seq_length, batch_size=batch_size,
-                             seed=seed)
+                   "_cfg": cfg, "_result": {"params": pooled, "final_loss": float("nan"),
+                                            "time_s": 0.0}})
+      batches = train_batches()
       batches.set_state(parent_data_state)  # continue the parent's data stream
-      result = train(cfg, batches, steps=up_steps, optimizer=up_optimizer, seed=seed + 1,
-                     mesh_config=mesh_config, params=pooled, log_every=log_every,
-                     label=f"{name} uptrain")
+      result = train(f"{name}_uptrain", cfg, batches, up_optimizer, params=pooled,
+                     key_seed=seed + 1)
       rows.append({"variant": name, "num_kv_heads": cfg.num_kv_heads,
                    "init": f"uptrained from mha ({up_steps} steps)",
                    "train_steps": steps + up_steps, "_cfg": cfg, "_result": result})
@@ -418,11 +407,12 @@ def run(config: ml_collections.ConfigDict, out_dir: str) -> list[dict[str, Any]]
                decode_tokens_per_s=speed["tokens_per_s"], decode_ms_per_step=speed["ms_per_step"])
 
   rows = [{k: row[k] for k in CSV_COLUMNS} for row in rows]
-  report.write_outputs(rows, CSV_COLUMNS, config, out_dir,
-                       total_time_s=time.perf_counter() - started,
-                       cpu_time_s=time.process_time() - cpu_started, decode_len=decode_len,
-                       prompts_shape=prompts.shape)
-  runs.log(f"wrote {out_dir}")
+  if is_writer:
+    report.write_outputs(rows, CSV_COLUMNS, config, out_dir,
+                         total_time_s=time.perf_counter() - started,
+                         cpu_time_s=time.process_time() - cpu_started, decode_len=decode_len,
+                         prompts_shape=prompts.shape)
+    runs.log(f"wrote {out_dir}")
   return rows
 
 
@@ -431,6 +421,7 @@ def run(config: ml_collections.ConfigDict, out_dir: str) -> list[dict[str, Any]]
 
 def main(argv: Sequence[str] | None = None) -> int:
   config, out_dir = runs.parse_command_line(__doc__.split("\n")[0], argv)
+  loop.join_processes(config)
   rows = run(config, out_dir)
   print(report.markdown_table(rows))
   return 0

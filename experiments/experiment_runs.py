@@ -1,29 +1,36 @@
-"""Shared by the experiment scripts: the training loop, progress lines, CSV output, command line.
+"""Shared by the experiment scripts: training on the engine, progress lines, CSV, command line.
 
-`attention_variants.py` and `vision.py` import it as a sibling module (each puts its own
-folder on `sys.path`).
+`attention_variants.py`, `vision.py` and `objective_cells.py` import it as a sibling module
+(each puts its own folder on `sys.path`). `train` runs one training on `seqlab.trainer` in its
+own work directory, so a killed experiment resumes there and a finished training is read
+back, not redone.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import math
+import dataclasses
+import functools
 import os
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Callable
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from seqlab import config as config_lib
-from seqlab import host_memory
-from seqlab import parallel
+from seqlab import host_memory, loop, trainer
 from seqlab import train as train_lib
+
+# Fields of a training's recorded config that may change when it resumes. Unlike `seqlab
+# train`, an experiment's steps are fixed: a longer schedule would change every step's
+# learning rate, and the results row would no longer be the config's.
+RESUMABLE = ("train.checkpoint_every", "mesh")
 
 _START = time.perf_counter()
 
@@ -34,37 +41,74 @@ def log(message: str) -> None:
         f"{message}", flush=True)
 
 
-def initial_state(model, tx, params, seed: int, init: Callable[[], Any]):
-  """A `TrainState` of `params`, or of `init()` when `params` is None; rng from `seed`.
+def process_rows(batch_size: int) -> dict[str, int]:
+  """This process's share of a global batch: the input pipeline's `batch_size`, `shard_index`
+  and `shard_count` (ValueError unless the processes split `batch_size` evenly)."""
+  count = jax.process_count()
+  if batch_size % count:
+    raise ValueError(f"batch_size={batch_size} is not divisible by the {count} processes")
+  return {"batch_size": batch_size // count, "shard_index": jax.process_index(),
+          "shard_count": count}
 
-  Given parameters are copied: the step donates its state, and the caller keeps its own.
+
+def host_params(params):
+  """Parameters as host NumPy arrays: this process's copy (FSDP shards are gathered first)."""
+
+  def fetch(x):
+    if not x.is_fully_replicated:
+      x = jax.jit(lambda y: y, out_shardings=NamedSharding(x.sharding.mesh, P()))(x)
+    return np.asarray(x.addressable_data(0))
+
+  return jax.tree_util.tree_map(fetch, params)
+
+
+@functools.lru_cache(maxsize=None)
+def job(model_cfg, optimizer: train_lib.OptimizerConfig, from_params: bool = False
+        ) -> trainer.Job:
+  """The engine's `Job` training `model_cfg` with `optimizer` on its architecture's task.
+
+  `init_args` (set per training): `(key,)` initialises the parameters from `key`; with
+  `from_params`, `(params, key)` starts from `params`. The dropout key is `fold_in(key, 1)`.
+  Cached, so every seed and cell of one shape shares the engine's compiled programs.
   """
-  params = init() if params is None else jax.tree_util.tree_map(jnp.array, params)
-  return train_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                                     rng=jax.random.fold_in(jax.random.key(seed), 1))
+  model = model_cfg.build()
+  tx = train_lib.make_optimizer(optimizer)
+  task = train_lib.task_for(loop.architecture_of(model_cfg))
+
+  def state(params, key):
+    return train_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                                       rng=jax.random.fold_in(key, 1))
+
+  if from_params:
+    return trainer.Job(task, state)
+  dummy = model_cfg.dummy_batch(1)
+  return trainer.Job(task, lambda key: state(model.init(key, dummy)["params"], key))
 
 
-def train_loop(state, step_fn: Callable, batches: Iterator[dict], mesh, *, steps: int,
-               log_every: int = 0, label: str = "", label_width: int = 16) -> dict[str, Any]:
-  """Runs `steps` steps; returns {"params", "final_loss" (mean of the last 10%), "time_s"}.
+def train(model_cfg, optimizer: train_lib.OptimizerConfig, key, batches: Iterator[dict],
+          config: ml_collections.ConfigDict, *, steps: int, workdir: str, inputs: dict,
+          params=None, label: str = "") -> trainer.Result:
+  """Trains `model_cfg` for `steps` steps on `seqlab.trainer` in `workdir` (resuming there).
 
-  Every `log_every` steps (and at the last) prints the loss and stops on a non-finite one.
+  Starts from `params` when given, else from an init with `key`. The mesh and strategy come
+  from `config.mesh`, the checkpoint interval from `config.train.checkpoint_every` (0: at the
+  end only), a progress line from `config.train.progress`. Every step's loss is logged
+  (`Result.final_loss`, `Result.history`). The work directory records the model, optimizer,
+  `steps` and `inputs` (seed and data settings): a rerun that changes any of them is refused
+  (ValueError) instead of resumed.
   """
-  losses = []
-  start = time.perf_counter()
-  for step in range(1, steps + 1):
-    state, step_metrics = step_fn(state, parallel.global_batch(next(batches), mesh))
-    losses.append(step_metrics["loss"])
-    if log_every and (step % log_every == 0 or step == steps):
-      loss = float(losses[-1])
-      if not math.isfinite(loss):
-        raise FloatingPointError(f"{label}: loss {loss} at step {step}")
-      print(f"  {label:>{label_width}s} step {step:5d}/{steps}  loss {loss:.4f}  "
-            f"{time.perf_counter() - start:7.1f}s", flush=True)
-  losses = [float(x) for x in jax.device_get(losses)]
-  tail = losses[-max(1, len(losses) // 10):]
-  return {"params": jax.device_get(state.params), "final_loss": float(np.mean(tail)),
-          "time_s": time.perf_counter() - start}
+  every = int(config.train.get("checkpoint_every", 0))
+  recorded = {"model": {"type": type(model_cfg).__name__, **dataclasses.asdict(model_cfg)},
+              "optimizer": dataclasses.asdict(optimizer), "inputs": inputs,
+              "train": {"steps": steps, "checkpoint_every": every}, "mesh": config.mesh.to_dict()}
+  options = trainer.Options(steps=steps, strategy=config.mesh.strategy, log_every=1,
+                            checkpoint_every=every, label=label,
+                            progress=bool(config.train.get("progress", False)))
+  init_args = (key,) if params is None else (params, key)
+  return trainer.run(dataclasses.replace(job(model_cfg, optimizer, params is not None),
+                                         init_args=init_args),
+                     batches, loop.make_mesh(config), options, workdir=workdir,
+                     config=recorded, resumable=RESUMABLE)
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], path: str) -> None:

@@ -1,13 +1,16 @@
 """Running one cell of the objective comparison: pretrain, readouts, fine-tune, decode.
 
 `run_cell(cell, seed, ctx)` returns one row of results.csv. A `Context` holds what every cell
-shares (tokenizer, held-out data, mesh) and caches jitted functions per model config and
-optimizer, so cells with the same shapes compile once.
+shares (tokenizer, held-out data, jitted readouts). Pretraining and fine-tuning run on
+`seqlab.trainer` (`experiment_runs.train`), each in its own work directory under the cell's
+scratch directory, so a killed cell resumes from its checkpoints to the same row; the engine
+compiles once per model shape and optimizer, for every cell and seed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import time
 from typing import Any
@@ -16,12 +19,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
+import experiment_runs as runs
 import objective_grid as grid
 import objective_readouts as readouts
 
-from seqlab import checkpoint, decoding, models, parallel
+from seqlab import decoding, models, trainer
 from seqlab import metrics as metrics_lib
 from seqlab import features as features_lib
 from seqlab import train as train_lib
@@ -31,8 +34,7 @@ from seqlab.data import sources as sources_lib
 # ─── Runtime context: data, and one compilation per model and shape ─────────────────────────
 
 
-# Jitted functions per (model config, optimizer, mesh): shared by every cell and every Context
-# of the process, so each shape compiles once.
+# Jitted readouts per model config: shared by every cell and every Context of the process.
 _CACHE: dict[Any, Any] = {}
 
 
@@ -45,7 +47,7 @@ def _spread(items, num: int) -> list:
 
 
 class Context:
-  """What every cell shares: tokenizer, held-out data, the mesh, and jitted functions."""
+  """What every cell shares: tokenizer, held-out data and jitted readouts."""
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer):
     self.config = config
@@ -66,29 +68,6 @@ class Context:
                                                      **sizes)
     if not self.naming_eval or not self.naming_train:
       raise ValueError(f"data.source={data.source!r} yields no Python functions for (c)")
-    self.mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-    self._mesh_key = (tuple(self.mesh.shape.items()), config.mesh.strategy)
-
-  def trainer(self, model_cfg, opt_cfg: train_lib.OptimizerConfig):
-    """(model, init_fn(key) -> state, step_fn, state sharding), cached per model and optimizer
-    so that cells with the same shapes share one compilation."""
-    key = ("trainer", model_cfg, opt_cfg, self._mesh_key)
-    if key not in _CACHE:
-      model = model_cfg.build()
-      tx = train_lib.make_optimizer(opt_cfg)
-      dummy = model_cfg.dummy_batch(1)
-
-      def init(rng):
-        params = model.init(rng, dummy)["params"]
-        return train_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                                           rng=jax.random.fold_in(rng, 1))
-
-      sharding = parallel.state_shardings(jax.eval_shape(init, jax.random.key(0)), self.mesh,
-                                          self.config.mesh.strategy)
-      step = parallel.distribute_step(train_lib.make_train_step(train_lib.lm_task()),
-                                      self.mesh, self.config.mesh.strategy, sharding)
-      _CACHE[key] = (model, jax.jit(init, out_shardings=sharding), step, sharding, tx)
-    return _CACHE[key]
 
   def token_nll(self, model_cfg):
     """jit (params, batch) -> float32 [B, Ld]: -log p(decoder_target_tokens), no dropout."""
@@ -104,12 +83,6 @@ class Context:
       _CACHE[key] = jax.jit(fn)
     return _CACHE[key]
 
-  def local_rows(self, batch_size: int) -> int:
-    if batch_size % jax.process_count():
-      raise ValueError(f"batch_size={batch_size} is not divisible by the "
-                       f"{jax.process_count()} processes")
-    return batch_size // jax.process_count()
-
 
 def optimizer_config(section: ml_collections.ConfigDict, steps: int) -> train_lib.OptimizerConfig:
   return train_lib.OptimizerConfig(
@@ -120,108 +93,82 @@ def optimizer_config(section: ml_collections.ConfigDict, steps: int) -> train_li
       clip_norm=section.clip_norm)
 
 
-def host_params(params):
-  """Parameters as host NumPy arrays: this process's copy (FSDP shards are gathered first)."""
-
-  def fetch(x):
-    if not x.is_fully_replicated:
-      x = jax.jit(lambda y: y, out_shardings=NamedSharding(x.sharding.mesh, P()))(x)
-    return np.asarray(x.addressable_data(0))
-
-  return jax.tree_util.tree_map(fetch, params)
-
-
-def _scalar(x) -> float:
-  """A replicated scalar as a float; also on several hosts, where it is not fully addressable."""
-  return float(np.asarray(x.addressable_data(0)))
-
-
 # ─── One cell: pretrain, readouts (a) (b), fine-tune and readout (c) ─────────────────────────
 
 
-def pretrain(cell: grid.Cell, seed: int, ctx: Context, *, checkpoint_dir: str | None = None,
-             interrupt_after: int | None = None):
-  """Trains a cell from scratch (or from its newest checkpoint); returns (state, info).
+def _train_config(config: ml_collections.ConfigDict, cell: grid.Cell, seed: int) -> dict:
+  """What a cell's trainings record as their inputs: the config sections its numbers depend
+  on (not the grid's extent, the output options, the layout or the checkpoint interval)."""
+  skip = ("grid", "output", "mesh", "distributed", "train")
+  relevant = {k: v for k, v in config.to_dict().items() if k not in skip}
+  return {**relevant, "pretrain_steps": int(config.train.steps), "cell": cell.name, "seed": seed}
 
-  `interrupt_after` stops after that many steps of this call, as a preempted run would (the
-  checkpoint test uses it).
-  """
+
+def pretrain(cell: grid.Cell, seed: int, ctx: Context, workdir: str) -> trainer.Result:
+  """Trains a cell from scratch in `workdir` (or resumes it there) for `train.steps` steps."""
   config = ctx.config
   steps = int(config.train.steps)
-  model, init_fn, step_fn, sharding, _ = ctx.trainer(
-      cell.model_config, optimizer_config(config.optimizer, steps))
   it = pipeline_lib.make_pipeline(
       ctx.train_source, ctx.tokenizer, cell.spec.pipeline_objective, cell.streams,
-      seq_lengths=cell.lengths_dict, batch_size=ctx.local_rows(int(config.data.batch_size)),
-      seed=seed, shard_index=jax.process_index(), shard_count=jax.process_count(),
-      packing=bool(config.data.packing),
-      objective_kwargs=grid.objective_kwargs(config, cell.objective))
-  every = int(config.train.checkpoint_every)
-  ckpt = checkpoint.Checkpointer(checkpoint_dir, max_to_keep=1) if (
-      checkpoint_dir and every > 0) else None
-  state, start = None, 0
-  if ckpt is not None:
-    abstract = jax.tree_util.tree_map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        jax.eval_shape(init_fn, jax.random.key(seed)), sharding)
-    restored = ckpt.restore(abstract)
-    if restored is not None:
-      state, data_state, _, start = restored
-      it.set_state(data_state)
-  if state is None:
-    state = init_fn(jax.random.key(seed))
-  losses = []
-  try:
-    for step in range(start, steps):
-      state, metrics = step_fn(state, parallel.global_batch(next(it), ctx.mesh))
-      losses.append(metrics["loss"])
-      if (step + 1) % 50 == 0 and not np.isfinite(_scalar(losses[-1])):
-        raise FloatingPointError(f"cell {cell.name} seed {seed}: loss is {_scalar(losses[-1])} "
-                                 f"at step {step + 1}; lower optimizer.learning_rate")
-      if ckpt is not None and (step + 1) % every == 0 and step + 1 < steps:
-        ckpt.save(step + 1, state, data_state=it.get_state(), force=True)
-      if interrupt_after is not None and step + 1 - start >= interrupt_after:
-        break
-  finally:
-    if ckpt is not None:
-      ckpt.close()
-  losses = np.array([_scalar(x) for x in losses], np.float64)
-  tail = losses[-max(1, len(losses) // 10):] if losses.size else np.array([np.nan])
-  if not np.isfinite(tail).all():
-    raise FloatingPointError(f"cell {cell.name} seed {seed}: non-finite training loss")
-  return state, {"final_train_loss": float(tail.mean()), "steps_run": len(losses),
-                 "data_stats": it.stats}
+      seq_lengths=cell.lengths_dict, seed=seed, packing=bool(config.data.packing),
+      objective_kwargs=grid.objective_kwargs(config, cell.objective),
+      **runs.process_rows(int(config.data.batch_size)))
+  return runs.train(cell.model_config, optimizer_config(config.optimizer, steps),
+                    jax.random.key(seed), it, config, steps=steps, workdir=workdir,
+                    inputs=_train_config(config, cell, seed), label=f"{cell.name} seed {seed}")
 
 
 def _naming_examples(ctx: Context, cell: grid.Cell, pairs) -> list[readouts.Example]:
   return readouts.naming_examples(pairs, ctx.tokenizer, cell.spec.readout, ctx.special)
 
 
-def finetune(cell: grid.Cell, seed: int, params, ctx: Context):
-  """`finetune.steps` steps of body -> name (seq2seq format, [S2S] for UL2); returns params."""
-  config, ft = ctx.config, ctx.config.finetune
-  model, _, step_fn, sharding, tx = ctx.trainer(cell.model_config,
-                                                optimizer_config(ft, int(ft.steps)))
-  state = train_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                                      rng=jax.random.key(seed))
-  state = jax.device_put(state, sharding)
-  pairs = ctx.naming_train
-  lengths = grid.finetune_lengths(cell, config)
-  batch_size = int(ft.batch_size)
-  rows = ctx.local_rows(batch_size)
-  first_row = jax.process_index() * rows
-  rng = np.random.default_rng([seed, 1])  # the same examples in the same order for every cell
-  order = np.concatenate([rng.permutation(len(pairs))
-                          for _ in range(-(-int(ft.steps) * batch_size // len(pairs)))])
-  for step in range(int(ft.steps)):
-    picks = order[step * batch_size + first_row: step * batch_size + first_row + rows]
-    examples = _naming_examples(ctx, cell, [pairs[i] for i in picks])
+class NamingBatches:
+  """Fine-tuning batches of (c): this process's rows of a fixed permutation of the pairs.
+
+  Every cell sees the same examples in the same order (the permutation depends on the seed
+  only). State: the index of the next step, so a resumed fine-tuning continues exactly.
+  """
+
+  def __init__(self, ctx: Context, cell: grid.Cell, seed: int):
+    ft = ctx.config.finetune
+    self.ctx, self.cell, self.step = ctx, cell, 0
+    self.batch_size = int(ft.batch_size)
+    self.share = runs.process_rows(self.batch_size)
+    self.lengths = grid.finetune_lengths(cell, ctx.config)
+    rng = np.random.default_rng([seed, 1])
+    pairs = len(ctx.naming_train)
+    self.order = np.concatenate([rng.permutation(pairs) for _ in range(
+        -(-int(ft.steps) * self.batch_size // pairs))])
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    rows = self.share["batch_size"]
+    first = self.step * self.batch_size + self.share["shard_index"] * rows
+    self.step += 1
+    examples = _naming_examples(self.ctx, self.cell,
+                                [self.ctx.naming_train[i] for i in self.order[first:first + rows]])
     feats = [features_lib.pad(features_lib.convert_example(
-        {"inputs": e.inputs, "targets": e.targets}, cell.streams, eos_id=ctx.special.eos),
-        lengths) for e in examples]
-    batch = {k: np.stack([f[k] for f in feats]) for k in feats[0]}
-    state, _ = step_fn(state, parallel.global_batch(batch, ctx.mesh))
-  return state.params
+        {"inputs": e.inputs, "targets": e.targets}, self.cell.streams,
+        eos_id=self.ctx.special.eos), self.lengths) for e in examples]
+    return {k: np.stack([f[k] for f in feats]) for k in feats[0]}
+
+  def get_state(self) -> dict[str, int]:
+    return {"step": self.step}
+
+  def set_state(self, state: dict[str, int]) -> None:
+    self.step = int(state["step"])
+
+
+def finetune(cell: grid.Cell, seed: int, params, ctx: Context, workdir: str) -> trainer.Result:
+  """`finetune.steps` steps of body -> name from `params` (seq2seq format, [S2S] for UL2) in
+  `workdir` (or resumed there)."""
+  config, ft = ctx.config, ctx.config.finetune
+  return runs.train(cell.model_config, optimizer_config(ft, int(ft.steps)), jax.random.key(seed),
+                    NamingBatches(ctx, cell, seed), config, steps=int(ft.steps),
+                    workdir=workdir, inputs=_train_config(config, cell, seed), params=params,
+                    label=f"{cell.name} seed {seed} fine-tuning")
 
 
 def name_parts(name: str) -> str:
@@ -269,14 +216,17 @@ def score_names(predictions: list[str], references: list[str]) -> dict[str, floa
   }
 
 
-def run_cell(cell: grid.Cell, seed: int, ctx: Context, *,
-             checkpoint_dir: str | None = None) -> dict:
-  """Pretrain, score (a) and (b), fine-tune, score (c): one row of results.csv."""
+def run_cell(cell: grid.Cell, seed: int, ctx: Context, scratch: str) -> dict:
+  """Pretrain, score (a) and (b), fine-tune, score (c): one row of results.csv.
+
+  The trainings' work directories are `scratch/pretrain` and `scratch/finetune`: a cell rerun
+  after a kill resumes there and gives the same row (but for the wall times).
+  """
   config, special = ctx.config, ctx.special
   start = time.perf_counter()
-  state, info = pretrain(cell, seed, ctx, checkpoint_dir=checkpoint_dir)
+  pretrained = pretrain(cell, seed, ctx, os.path.join(scratch, "pretrain"))
   pretrain_seconds = time.perf_counter() - start
-  params = host_params(state.params)
+  params = runs.host_params(pretrained.state.params)
   fmt = cell.spec.readout
   nll_fn = ctx.token_nll(cell.model_config)
   eval_rows = int(config.readouts.batch_size)
@@ -294,7 +244,8 @@ def run_cell(cell: grid.Cell, seed: int, ctx: Context, *,
   # The literal T5 reading, sentinels scored too (eos still not): a format-knowledge check.
   infill_all = score([dataclasses.replace(e, scored=np.ones_like(e.scored))
                       for e in infill_examples], fmt.format, lengths, params)
-  tuned = host_params(finetune(cell, seed, state.params, ctx))
+  tuned = runs.host_params(finetune(cell, seed, params, ctx,
+                                    os.path.join(scratch, "finetune")).state.params)
   # The readout rows hold every fine-tuning example too; one shape, one compilation.
   name_nll = score(_naming_examples(ctx, cell, ctx.naming_eval), "seq2seq", lengths, tuned)
   generated = name_generation(cell, tuned, ctx)
@@ -304,7 +255,7 @@ def run_cell(cell: grid.Cell, seed: int, ctx: Context, *,
       "params": models.num_params(cell.model_config),
       "train_flops_per_token": grid.flops_per_token(cell),
       "train_tokens": int(config.train.steps) * int(config.data.batch_size) * lengths_total,
-      "train_steps": int(config.train.steps), "final_train_loss": info["final_train_loss"],
+      "train_steps": int(config.train.steps), "final_train_loss": pretrained.final_loss(),
       "continuation_nll": continuation, "infill_nll": infill,
       "infill_nll_with_sentinels": infill_all, "name_nll": name_nll,
       **generated, "naming_eval_functions": len(ctx.naming_eval),

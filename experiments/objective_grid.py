@@ -237,9 +237,10 @@ def flops_per_token(cell: Cell) -> float:
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> str:
-  """Hash of everything a cell's numbers depend on (not the grid's extent, the output options
-  or the checkpoint frequency)."""
-  relevant = {k: v for k, v in config.to_dict().items() if k not in ("grid", "output")}
+  """Hash of everything a cell's numbers depend on (not the grid's extent, the output options,
+  how the processes join or the checkpoint frequency)."""
+  relevant = {k: v for k, v in config.to_dict().items()
+              if k not in ("grid", "output", "distributed")}
   relevant["train"] = {k: v for k, v in relevant["train"].items() if k != "checkpoint_every"}
   text = json.dumps(relevant, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -31,7 +31,12 @@ Log-log slopes between the two largest grids show quadratic (~2) vs linear (~1) 
 token count.
 
 Outputs in `<workdir>/<config.run>/`: results.csv (accuracy, one row per model and seed),
-attention_cost.csv, results.md (both tables), accuracy.png, attention_cost.png, config.json.
+attention_cost.csv, results.md (both tables), accuracy.png, attention_cost.png, config.json, and
+train/<row>_seed<k> (train/mae_pretrain_seed<k>) per training: `seqlab.trainer`'s work
+directory, checkpoints every `train.checkpoint_every` steps and at the end. A rerun resumes a
+killed training there and reads finished ones back; one with another model, optimizer, steps
+or data is refused (use another --workdir). With a `distributed` section, launch the same
+command on every host (TPU_SETUP.md); process 0 writes the files.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling he
 import attention_cost as cost_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 import experiment_runs as runs  # noqa: E402  pylint: disable=g-import-not-at-top
 
-from seqlab import models, parallel
+from seqlab import loop, models
 from seqlab import train as train_lib
 from seqlab.data import images, sources
 
@@ -111,8 +116,8 @@ def image_batches(config: ml_collections.ConfigDict, split: str, *, seed: int,
   source = _digits(split, int(data.image_size), float(data.validation_fraction))
   mask = {} if mae_patch_size is None else {"mae_mask_ratio": float(config.mae.mask_ratio),
                                             "patch_size": mae_patch_size}
-  return images.make_image_pipeline(source, batch_size=int(data.batch_size), seed=seed,
-                                    **mask, **kwargs)
+  kwargs.setdefault("batch_size", int(data.batch_size))
+  return images.make_image_pipeline(source, seed=seed, **mask, **kwargs)
 
 
 @functools.lru_cache(maxsize=4)
@@ -129,41 +134,6 @@ def _init_fn(model):
 def init_params(model, seed: int):
   """Fresh parameters of `model` from `jax.random.key(seed)` (one compiled init per model)."""
   return _init_fn(model)(jax.random.key(seed))
-
-
-@functools.lru_cache(maxsize=None)
-def _step_fn(model, task_name: str, optimizer: tuple, strategy: str, data: int, fsdp: int):
-  """(model, tx, mesh, sharding, jitted step) per model, task, optimizer and mesh.
-
-  Seeds share one compiled step; the returned model is the first of the equal modules, whose
-  `apply` the train state must carry (the step is traced with it).
-  """
-  tx = train_lib.make_optimizer(train_lib.OptimizerConfig(**dict(optimizer)))
-  mesh = parallel.make_mesh(data, fsdp)
-  task = train_lib.task_for({"classify": "classifier", "mae": "mae"}[task_name])
-  shapes = jax.eval_shape(lambda: train_lib.TrainState.create(
-      apply_fn=model.apply, params=model.init(jax.random.key(0), model.config.dummy_batch(1))[
-          "params"], tx=tx, rng=jax.random.key(0)))
-  sharding = parallel.state_shardings(shapes, mesh, strategy)
-  step = parallel.distribute_step(train_lib.make_train_step(task), mesh, strategy, sharding)
-  return model, tx, mesh, sharding, step
-
-
-def train(model_cfg, task_name: str, batches: Iterator[dict], *, steps: int,
-          optimizer: Mapping[str, Any], seed: int, mesh_config: Mapping[str, Any],
-          params=None, log_every: int = 0, label: str = "") -> dict[str, Any]:
-  """Trains `model_cfg` on `task_name` ("classify" or "mae") from `params` or a fresh init.
-
-  Returns {"params", "final_loss" (mean over the last 10% of steps), "time_s"}.
-  """
-  optimizer = dict(optimizer, total_steps=steps)
-  model, tx, mesh, sharding, step_fn = _step_fn(
-      model_cfg.build(), task_name, tuple(sorted(optimizer.items())),
-      str(mesh_config["strategy"]), int(mesh_config["data"]), int(mesh_config["fsdp"]))
-  state = runs.initial_state(model, tx, params, seed, lambda: init_params(model, seed))
-  state = jax.device_put(state, sharding)
-  return runs.train_loop(state, step_fn, batches, mesh, steps=steps, log_every=log_every,
-                         label=label)
 
 
 @functools.lru_cache(maxsize=None)
@@ -243,13 +213,30 @@ def validate(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def run(config: ml_collections.ConfigDict, out_dir: str) -> dict[str, Any]:
   """Runs both parts of `config`, writes the outputs to `out_dir`; returns the rows."""
   plan = validate(config)
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  is_writer = jax.process_index() == 0
+  if is_writer:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   started, cpu_started = time.perf_counter(), time.process_time()
-  steps, log_every = int(config.train.steps), int(config.train.log_every)
-  mesh_config = config.mesh.to_dict()
+  steps = int(config.train.steps)
   val_batches = list(image_batches(config, "validation", seed=0, num_epochs=1, shuffle=False))
+
+  def train(name, cfg, seed, optimizer, steps, params=None, mae_patch_size=None):
+    """{"params" (on the host), "time_s"} of one training in train/<name>_seed<seed>."""
+    start = time.perf_counter()
+    batches = image_batches(config, "train", seed=seed, mae_patch_size=mae_patch_size,
+                            **runs.process_rows(int(config.data.batch_size)))
+    optimizer = train_lib.OptimizerConfig(**{**optimizer.to_dict(), "total_steps": steps})
+    inputs = {"seed": seed, "data": config.data.to_dict()}
+    if mae_patch_size is not None:
+      inputs["mae_mask_ratio"] = float(config.mae.mask_ratio)
+    result = runs.train(cfg, optimizer, jax.random.key(seed), batches, config, steps=steps,
+                        workdir=os.path.join(out_dir, "train", f"{name}_seed{seed}"),
+                        inputs=inputs, params=params, label=name)
+    return {"params": runs.host_params(result.state.params),
+            "time_s": time.perf_counter() - start}
+
   rows = []
   for seed in plan["seeds"]:
     for name in plan["models"]:
@@ -259,18 +246,14 @@ def run(config: ml_collections.ConfigDict, out_dir: str) -> dict[str, Any]:
         mae_cfg = plan["configs"]["mae"]
         runs.log(f"[mae pre-training, seed {seed}] params={models.num_params(mae_cfg):,}")
         pretrain_steps = int(config.mae.pretrain_steps)
-        result = train(mae_cfg, "mae",
-                       image_batches(config, "train", seed=seed, mae_patch_size=mae_cfg.patch_size),
-                       steps=pretrain_steps, optimizer=config.mae.optimizer.to_dict(), seed=seed,
-                       mesh_config=mesh_config, log_every=log_every, label="mae")
+        result = train("mae_pretrain", mae_cfg, seed, config.mae.optimizer, pretrain_steps,
+                       mae_patch_size=mae_cfg.patch_size)
         mae_val = list(image_batches(config, "validation", seed=0, num_epochs=1, shuffle=False,
                                      mae_patch_size=mae_cfg.patch_size))
         pretrain_loss = evaluate(mae_cfg.build(), result["params"], "mae", mae_val)["loss"]
         params = mae_to_vit_params(result["params"], init_params(cfg.build(), seed))
       runs.log(f"[{name}, seed {seed}] params={models.num_params(cfg):,}")
-      result = train(cfg, "classify", image_batches(config, "train", seed=seed), steps=steps,
-                     optimizer=config.optimizer.to_dict(), seed=seed, mesh_config=mesh_config,
-                     params=params, log_every=log_every, label=name)
+      result = train(name, cfg, seed, config.optimizer, steps, params=params)
       scores = evaluate(cfg.build(), result["params"], "classify", val_batches)
       rows.append({"model": "vit" if name == "mae" else name,
                    "init": "mae pre-trained" if name == "mae" else "scratch", "seed": seed,
@@ -286,10 +269,11 @@ def run(config: ml_collections.ConfigDict, out_dir: str) -> dict[str, Any]:
                                  num_heads=int(scaling.num_heads), window=int(scaling.window),
                                  patch_size=int(scaling.patch_size),
                                  repeats=int(scaling.repeats))
-  write_outputs(rows, cost, config, out_dir, total_time_s=time.perf_counter() - started,
-                cpu_time_s=time.process_time() - cpu_started, num_val=sum(
-                    len(b["label"]) for b in val_batches))
-  runs.log(f"wrote {out_dir}")
+  if is_writer:
+    write_outputs(rows, cost, config, out_dir, total_time_s=time.perf_counter() - started,
+                  cpu_time_s=time.process_time() - cpu_started, num_val=sum(
+                      len(b["label"]) for b in val_batches))
+    runs.log(f"wrote {out_dir}")
   return {"accuracy": rows, "cost": cost}
 
 
@@ -434,6 +418,7 @@ def plot_cost(cost, path: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
   config, out_dir = runs.parse_command_line(__doc__.split("\n")[0], argv)
+  loop.join_processes(config)
   result = run(config, out_dir)
   print(markdown_tables(result["accuracy"], result["cost"]))
   return 0

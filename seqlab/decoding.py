@@ -12,7 +12,7 @@ this module drives it:
   same slot, so every row's next token is decoded in the same step. Padding slots are marked
   invalid, are never attended to and take no position.
 
-Token conventions (DESIGN.md): pad = 0, eos = 1. A decoder-only model is trained on
+Token conventions (docs/design.md): pad = 0, eos = 1. A decoder-only model is trained on
 seqio's shifted-right inputs `[0, x_0, x_1, ...]`, so `generate` puts the start id 0 in front of
 every prompt (`bos_id=0`; `bos_id=None` feeds the prompt as given). Output tokens after a row's
 eos are pad 0.

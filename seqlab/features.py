@@ -4,7 +4,7 @@ An objective gives `{"inputs": int32[I], "targets": int32[T]}` (plus optional ex
 converter turns one example into *unpadded* model features for an architecture, and a packer
 places several converted examples into fixed-length rows with segment ids and positions.
 
-Features per architecture (DESIGN.md's contract; every array int32, one row shown):
+Features per architecture (docs/design.md's contract; every array int32, one row shown):
 
   encoder          encoder_input_tokens, token_type_ids, mlm_targets, mlm_weights,
                    (+ nsp_label), encoder_segment_ids, encoder_positions        all [Le]

@@ -1,15 +1,22 @@
-"""The train-throughput benchmark's matmul floor does the step's dense matmuls, and only those."""
+"""The benchmarks' seqlab train steps (the engine's) and the throughput benchmark's matmul floor."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
+import pytest
 
 from seqlab import flops
 from tests import _helpers
 
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
+def _throughput_benchmark():
+  return _helpers.load_script("experiments/benchmarks/train_throughput.py", "bench_throughput")
+
 
 def test_matmul_floor_covers_the_dense_matmuls_of_a_step():
-  bench = _helpers.load_script("experiments/benchmarks/train_throughput.py", "bench_throughput")
+  bench = _throughput_benchmark()
   cfg = bench._model_config(16, 2, 2, 24, 8, "float32")
   shapes = bench.dense_matmul_shapes(cfg, 12)
   dense = sum(m.flops for m in flops.config_matmuls(cfg, 8) if not m.name.startswith("attn_"))
@@ -27,3 +34,31 @@ def test_matmul_floor_covers_the_dense_matmuls_of_a_step():
     for want, value in zip((a @ w, dy @ w.T, a.T @ dy), got):
       np.testing.assert_allclose(np.asarray(value), want, rtol=1e-4, atol=1e-4)
   assert fns["torch matmuls"]() is None
+
+
+def test_seqlab_step_is_the_engines_step_on_the_initial_parameters():
+  """The first loss is the NumPy float64 cross-entropy of the key-0 model; the state carries."""
+  bench = _throughput_benchmark()
+  cfg = bench._model_config(16, 2, 2, 24, 8, "float32")
+  tokens = bench._tokens(2, 8, 24)
+  step = bench.seqlab_step(cfg, tokens)
+  first, second = float(step()), float(step())
+  model = cfg.build()
+  params = jax.jit(model.init)(jax.random.key(0), cfg.dummy_batch(1))["params"]
+  logits = np.asarray(jax.jit(model.apply)({"params": params},
+                                           {"decoder_input_tokens": tokens[:, :-1]}), np.float64)
+  log_p = logits - logits.max(-1, keepdims=True)
+  log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+  want = -np.take_along_axis(log_p, tokens[:, 1:, None], -1).mean()
+  assert first == pytest.approx(want, rel=1e-5)
+  assert second < first  # one AdamW step on the same batch, carried into the next call
+
+
+def test_data_pipeline_train_step_rows_run_the_engines_step():
+  bench = _helpers.load_script("experiments/benchmarks/data_pipeline.py", "bench_data_pipeline")
+  rows = bench.train_step_rows(batch_size=2, rounds=1, steps=1, wait_steps=2,
+                               cases=bench.CASES[:1])
+  (label, row), = rows.items()
+  assert label == "full LM"
+  assert row["examples_per_s"] == pytest.approx(2 / row["step_s"])
+  assert 0.0 <= row["data_wait"] < 1.0

@@ -166,8 +166,10 @@ def test_bad_config_fails_before_training(tmp_path, override, message):
   assert not (tmp_path / "quick").exists()  # nothing written, nothing trained
 
 
-def test_smoke_run_writes_well_formed_outputs(tmp_path):
-  assert vision.main(["--config", CONFIG + ":smoke", "--workdir", str(tmp_path)]) == 0
+def test_smoke_run_writes_well_formed_outputs_and_a_rerun_retrains_nothing(tmp_path,
+                                                                           monkeypatch):
+  argv = ["--config", CONFIG + ":smoke", "--workdir", str(tmp_path)]
+  assert vision.main(argv) == 0
   out = tmp_path / "smoke"
   config = config_lib.load_config(CONFIG + ":smoke")
 
@@ -210,3 +212,15 @@ def test_smoke_run_writes_well_formed_outputs(tmp_path):
   with open(out / "config.json") as f:
     saved = ml_collections.ConfigDict(json.load(f))
   assert json.loads(saved.to_json(sort_keys=True)) == json.loads(config.to_json(sort_keys=True))
+
+  # Every training has its engine work directory; a rerun reads each back at its last step
+  # (nothing is trained again) and gives the same accuracies.
+  assert sorted(p.name for p in (out / "train").iterdir()) == [
+      "mae_pretrain_seed0", "mae_seed0", "swin_seed0", "vit_seed0"]
+  runs = _helpers.spy_on_trainings(monkeypatch)
+  assert vision.main(argv) == 0
+  assert len(runs) == 4 and all(r.start_step == r.step for r in runs)
+  with open(out / "results.csv") as f:
+    again = list(csv.DictReader(f))
+  assert [{k: v for k, v in r.items() if k != "train_time_s"} for r in again] == [
+      {k: v for k, v in r.items() if k != "train_time_s"} for r in rows]

@@ -22,7 +22,7 @@ def test_byte_round_trip_arbitrary_unicode(text):
   tok = T.ByteTokenizer()
   ids = tok.encode(text)
   assert ids.dtype == np.int32
-  assert ids.tolist() == [b + 3 for b in text.encode("utf-8")]  # DESIGN.md: byte b is b + 3
+  assert ids.tolist() == [b + 3 for b in text.encode("utf-8")]  # docs/design.md: byte b is b + 3
   assert tok.decode(ids) == text
 
 

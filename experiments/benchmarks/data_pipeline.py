@@ -15,9 +15,9 @@ Three measurements per objective, in one run:
   `experiments/configs/tiny.py` with `seqlab.loop.build` (gpt-tiny for full LM; the "prefix"
   gpt-tiny for prefix LM and decoder UL2; t5-tiny for span corruption and enc-dec UL2;
   bert-tiny with its MLM / NSP heads for MLM, as tiny.py has no encoder entry), position table
-  widened to 512; its train step (`seqlab.train.make_train_step`, jitted with buffer donation)
-  timed on a real batch of the case's shapes on all cores, as training runs it (median over
-  rounds, `train_throughput.median_step_seconds`). Feed ratio = pipeline / step examples/s;
+  widened to 512; its train step (the engine's, `seqlab.trainer.train_step`, on a one-device
+  mesh) timed on a real batch of the case's shapes on all cores, as training runs it (median
+  over rounds, `train_throughput.median_step_seconds`). Feed ratio = pipeline / step examples/s;
   target >= 10x.
 * data wait: the pipeline (built by `seqlab.loop.make_input` from the same config, so with its
   default worker count: in-process, see above) drives that train step for `--wait_steps` steps
@@ -35,7 +35,6 @@ train_examples_per_s=..., data_wait=...)` prints them.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import pathlib
 import sys
@@ -145,13 +144,15 @@ def _train_throughput():
 def _measure_data_wait(model: dict, it, steps: int) -> float:
   """Fraction of wall time blocked in `next(it)` while `it` feeds `steps` train steps."""
   import jax  # pylint: disable=g-import-not-at-top
+  from seqlab import parallel  # pylint: disable=g-import-not-at-top
   waited, pending = 0.0, None
   start = time.perf_counter()
   for _ in range(steps):
     before = time.perf_counter()
     batch = next(it)
     waited += time.perf_counter() - before
-    model["state"], metrics = model["step"](model["state"], batch)
+    model["state"], metrics = model["step"](model["state"],
+                                            parallel.global_batch(batch, model["mesh"]))
     if pending is not None:  # as seqlab.loop: step k's metrics after step k + 1 is dispatched
       jax.device_get(pending)
     pending = metrics
@@ -163,8 +164,7 @@ def train_step_rows(*, batch_size: int = 16, rounds: int = 3, steps: int = 2,
                     wait_steps: int = 10, cases=CASES) -> dict[str, dict]:
   """{label: {"step_s", "examples_per_s", "data_wait"}} of each case's default small model."""
   import jax  # pylint: disable=g-import-not-at-top
-  from seqlab import loop  # pylint: disable=g-import-not-at-top
-  from seqlab import train as train_lib  # pylint: disable=g-import-not-at-top
+  from seqlab import loop, parallel, trainer  # pylint: disable=g-import-not-at-top
   median_step_seconds = _train_throughput().median_step_seconds
   models, out = {}, {}
   for case in cases:
@@ -172,18 +172,19 @@ def train_step_rows(*, batch_size: int = 16, rounds: int = 3, steps: int = 2,
     config = case_config(case, batch_size)
     key = (model_name, config.model.overrides.max_length)
     if key not in models:  # cases on one model share its state and compiled step
-      experiment = loop.build(config)
-      step = train_lib.make_train_step(experiment.task)
-      models[key] = {"state": jax.jit(experiment.init)(),
-                     "step": jax.jit(functools.partial(step, axis_name=None),
-                                     donate_argnums=(0,))}
+      job = loop.job(loop.build(config), batch_size)
+      mesh, options = parallel.make_mesh(1, 1, jax.devices()[:1]), loop.options(config)
+      models[key] = {"mesh": mesh, "step": trainer.train_step(job, mesh, options),
+                     "state": jax.jit(job.init, out_shardings=trainer.state_sharding(
+                         job, mesh, options))()}
     model = models[key]
     it = loop.make_input(config, architecture, "train", batch_size=batch_size, shard_index=0,
                          shard_count=1)
     batch = next(it)
 
     def run(model=model, batch=batch):
-      model["state"], metrics = model["step"](model["state"], batch)
+      model["state"], metrics = model["step"](model["state"],
+                                              parallel.global_batch(batch, model["mesh"]))
       return metrics["loss"]
 
     wall, _ = median_step_seconds({label: run}, rounds, steps)

@@ -9,8 +9,9 @@ One GPT-style decoder (d_model 256, 4 layers, 4 heads of 64, d_ff 1024, learned 
 tied embeddings, GELU-tanh, pre-LN, vocabulary 512, length 256, batch 16, no dropout), trained
 with the same optimizer (global-norm clipping 1.0, AdamW b1 0.9, b2 0.98, eps 1e-9), three ways:
 
-* seqlab: `seqlab.train.make_train_step(lm_task())` on `seqlab.models` "gpt" config, jitted with
-  buffer donation, as `seqlab train` runs it;
+* seqlab: the training engine's step (`seqlab.trainer.train_step`: `lm_task()` on the
+  `seqlab.models` "gpt" config, jitted with shardings and buffer donation) on one device, as
+  `seqlab train` runs it;
 * flax: the same model written here with plain `flax.linen` (`nn.MultiHeadDotProductAttention`,
   `nn.make_causal_mask`) and an optax step, no seqlab code;
 * torch: `transformers.GPT2LMHeadModel` with the same `GPT2Config` sizes, eager PyTorch,
@@ -44,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from seqlab import flops, host_memory, models, monitor
+from seqlab import flops, host_memory, models, monitor, parallel, trainer
 from seqlab import train as train_lib
 
 LEARNING_RATE = 3e-4
@@ -67,19 +68,25 @@ def _tokens(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
 
 
 def seqlab_step(cfg, tokens: np.ndarray):
-  """Returns a zero-argument function running one seqlab train step (state carried inside)."""
+  """Returns a zero-argument function running one seqlab train step (state carried inside).
+
+  The step is the engine's (`seqlab.trainer.train_step`) on a one-device mesh; parameters are
+  initialised from key 0, the dropout key is key 1.
+  """
   model = cfg.build()
   tx = train_lib.make_optimizer(train_lib.OptimizerConfig(
       learning_rate=LEARNING_RATE, schedule="constant", warmup_steps=0, b1=0.9, b2=0.98,
       eps=1e-9, clip_norm=1.0))
-  params = jax.jit(lambda: model.init(jax.random.key(0), cfg.dummy_batch(1))["params"])()
-  state = train_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                                      rng=jax.random.key(1))
-  batch = {"decoder_input_tokens": jnp.asarray(tokens[:, :-1]),
-           "decoder_target_tokens": jnp.asarray(tokens[:, 1:]),
-           "decoder_loss_weights": jnp.ones(tokens[:, 1:].shape, jnp.float32)}
-  step = jax.jit(functools.partial(train_lib.make_train_step(train_lib.lm_task()),
-                                   axis_name=None), donate_argnums=(0,))
+  job = trainer.Job(train_lib.lm_task(), lambda: train_lib.TrainState.create(
+      apply_fn=model.apply, params=model.init(jax.random.key(0), cfg.dummy_batch(1))["params"],
+      tx=tx, rng=jax.random.key(1)))
+  mesh = parallel.make_mesh(1, 1, jax.devices()[:1])
+  options = trainer.Options(steps=1)
+  state = jax.jit(job.init, out_shardings=trainer.state_sharding(job, mesh, options))()
+  batch = parallel.global_batch({
+      "decoder_input_tokens": tokens[:, :-1], "decoder_target_tokens": tokens[:, 1:],
+      "decoder_loss_weights": np.ones(tokens[:, 1:].shape, np.float32)}, mesh)
+  step = trainer.train_step(job, mesh, options)
   box = {"state": state}
 
   def run():

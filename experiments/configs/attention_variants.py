@@ -63,8 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       name="adamw", learning_rate=3e-3, schedule="cosine", warmup_steps=2 if smoke else 30,
       end_learning_rate_fraction=0.1, weight_decay=0.0, b1=0.9, b2=0.98, eps=1e-9,
       clip_norm=1.0))
+  # checkpoint_every: each training's checkpoints (and one at its end), to resume a killed run.
   config.train = ml_collections.ConfigDict(dict(
-      steps=20 if smoke else 260, log_every=10 if smoke else 50))
+      steps=20 if smoke else 260, checkpoint_every=0 if smoke else 100, progress=not smoke))
   config.eval = ml_collections.ConfigDict(dict(
       batches=2 if smoke else 16, batch_size=4 if smoke else 16))
   # Prompts of `context` held-out bytes, then `new_tokens` greedy steps: the cache holds
@@ -73,4 +74,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       batch_size=2 if smoke else 4, context=48 if smoke else 1536,
       new_tokens=16 if smoke else 512, repeats=1 if smoke else 2))
   config.mesh = ml_collections.ConfigDict(dict(strategy="data", data=-1, fsdp=1))
+  # Several hosts: `seqlab.loop.join_processes` reads these fields (tiny.py explains them).
+  config.distributed = ml_collections.ConfigDict(dict(
+      initialize=False, coordinator_address="", num_processes=0, process_id=0,
+      heartbeat_timeout_s=30))
   return config

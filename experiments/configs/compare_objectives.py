@@ -78,7 +78,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       train_files=0))
 
   c.mesh = ml_collections.ConfigDict(dict(strategy="data", data=-1, fsdp=1))
-  c.distributed = ml_collections.ConfigDict(dict(initialize=False))
+  # Several hosts: `seqlab.loop.join_processes` reads these fields (tiny.py explains them).
+  c.distributed = ml_collections.ConfigDict(dict(
+      initialize=False, coordinator_address="", num_processes=0, process_id=0,
+      heartbeat_timeout_s=30))
   c.output = ml_collections.ConfigDict(dict(run_name=arg, progress=True))
 
   if arg == "smoke":

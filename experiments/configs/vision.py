@@ -63,12 +63,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       name="adamw", learning_rate=1e-3, schedule="cosine", warmup_steps=1 if smoke else 30,
       end_learning_rate_fraction=0.01, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8,
       clip_norm=1.0))
+  # checkpoint_every: each training's checkpoints (and one at its end), to resume a killed run.
   config.train = ml_collections.ConfigDict(dict(
-      steps=4 if smoke else 300, log_every=2 if smoke else 100))
+      steps=4 if smoke else 300, checkpoint_every=0 if smoke else 100, progress=not smoke))
 
   # One attention layer on g x g token grids (image side = g * patch_size).
   config.scaling = ml_collections.ConfigDict(dict(
       grids="4,8" if smoke else "8,16,32,64", dim=32 if smoke else 64, num_heads=2,
       window=4 if smoke else 8, patch_size=4, repeats=1 if smoke else 5))
   config.mesh = ml_collections.ConfigDict(dict(strategy="data", data=-1, fsdp=1))
+  # Several hosts: `seqlab.loop.join_processes` reads these fields (tiny.py explains them).
+  config.distributed = ml_collections.ConfigDict(dict(
+      initialize=False, coordinator_address="", num_processes=0, process_id=0,
+      heartbeat_timeout_s=30))
   return config

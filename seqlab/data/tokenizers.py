@@ -8,7 +8,7 @@ Both share one interface:
 * `vocab_size`, the reserved ids (`pad_id`, `eos_id`, `unk_id`, `mask_id`, `cls_id`, `sep_id`,
   `nlu_id`, `nlg_id`, `s2s_id`, `sentinel_ids`) and `special_ids` (the objectives' `SpecialIds`).
 
-Id layout (DESIGN.md): pad = 0, eos = 1, unk = 2; sentinel i = vocab_size - 1 - i.
+Id layout (docs/design.md): pad = 0, eos = 1, unk = 2; sentinel i = vocab_size - 1 - i.
 
 Byte tokenizer: byte b is id b + 3 (3..258); [MASK] 259, [CLS] 260, [SEP] 261, [NLU] 262,
 [NLG] 263, [S2S] 264. Default vocab_size = 512 (a multiple of 128) with every id above the

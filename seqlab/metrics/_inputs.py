@@ -5,7 +5,7 @@ from typing import Any
 
 import numpy as np
 
-# seqlab's token-id conventions (DESIGN.md): pad = 0, eos = 1.
+# seqlab's token-id conventions (docs/design.md): pad = 0, eos = 1.
 PAD_ID = 0
 EOS_ID = 1
 

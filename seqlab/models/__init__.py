@@ -4,7 +4,7 @@ Each family module (`transformer`, `vit`, `mae`, `swin`) defines frozen config d
 `PRESETS` dict. Every config implements:
 
 * `build() -> flax.linen.Module` — the model, whose `__call__(batch, *, train=False)` takes the
-  feature dict of DESIGN.md's feature contract;
+  feature dict of docs/design.md's feature contract;
 * `dummy_batch(batch_size=1) -> dict` — a minimal feature dict used to trace shapes.
 """
 

@@ -1,6 +1,6 @@
 """Bidirectional encoder (BERT): token + segment-type + learned position embeddings, post-LN.
 
-Features (DESIGN.md's encoder contract):
+Features (docs/design.md's encoder contract):
 
   encoder_input_tokens  int [B, T]   required; token 0 ([PAD]) is padding
   encoder_segment_ids   int [B, T]   packing (1, 2, ... per sequence, 0 = padding); optional

@@ -1,6 +1,6 @@
 """Vision Transformer (Dosovitskiy et al. 2021) and the vision building blocks MAE and Swin share.
 
-`ViT.__call__(batch)` takes DESIGN.md's vision features (`image` [B, H, W, C] float, `label`)
+`ViT.__call__(batch)` takes docs/design.md's vision features (`image` [B, H, W, C] float, `label`)
 and returns class logits `[B, num_classes]` (the pooled features when `num_classes == 0`);
 `ViT.encode` returns the normalised token sequence `[B, prefix + h*w, D]`.
 

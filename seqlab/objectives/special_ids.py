@@ -1,6 +1,6 @@
 """Reserved token ids shared by every objective, and token validation at the boundary.
 
-Conventions (DESIGN.md): pad = 0, eos = 1, unk = 2; sentinel i is `vocab_size - 1 - i`
+Conventions (docs/design.md): pad = 0, eos = 1, unk = 2; sentinel i is `vocab_size - 1 - i`
 (sentinels count down from the top of the vocabulary, as T5's extra ids); mode tokens
 `[NLU]` / `[NLG]` / `[S2S]` and BERT's `[MASK]` / `[CLS]` / `[SEP]` are single reserved ids that
 the tokenizer places below the sentinels and passes in here.
@@ -26,7 +26,7 @@ class SpecialIds:
 
   Attributes:
     vocab_size: total number of ids, sentinels included.
-    pad, eos, unk: DESIGN.md fixes them at 0, 1, 2.
+    pad, eos, unk: docs/design.md fixes them at 0, 1, 2.
     mask, cls, sep: BERT's `[MASK]`, `[CLS]`, `[SEP]` (None when the vocabulary has none).
     nlu, nlg, s2s: UL2's mode tokens `[NLU]`, `[NLG]`, `[S2S]` (None when absent).
     num_sentinels: how many ids at the top of the vocabulary are sentinels.
@@ -113,7 +113,7 @@ class SpecialIds:
 
   @property
   def first_regular_id(self) -> int:
-    """The smallest regular id (3 for a byte vocabulary laid out as DESIGN.md)."""
+    """The smallest regular id (3 for a byte vocabulary laid out as docs/design.md)."""
     return int(self.regular_ids[0])
 
   def mode_id(self, mode: str) -> int:
