@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqlab.validation import check_int
+
 from seqlab import attention_kernels
 from seqlab.attention_kernels import (  # noqa: F401  (re-exported)
     Implementation, cudnn_unsupported_reason, current_backend, select_implementation)
@@ -246,11 +248,6 @@ def grouped_query_attention(q, k, v, *, mask=None, bias=None, scale=None,
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_positive_int(name: str, value) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{name}={value!r} must be a positive integer")
-
-
 def window_partition(x: jax.Array, window: int) -> jax.Array:
   """Splits an image into non-overlapping windows: `[B, H, W, C] -> [B * nW, window², C]`.
 
@@ -258,7 +255,7 @@ def window_partition(x: jax.Array, window: int) -> jax.Array:
   row-major inside a window (Swin's order). H and W must be multiples of `window`.
   """
   x = jnp.asarray(x)
-  _check_positive_int("window", window)
+  check_int("window", window)
   if x.ndim != 4:
     raise ValueError(f"x must have rank 4 [batch, height, width, channels], got shape "
                      f"{tuple(x.shape)}")
@@ -274,7 +271,7 @@ def window_reverse(windows: jax.Array, window: int, height: int, width: int) -> 
   """Inverse of `window_partition`: `[B * nW, window², C] -> [B, height, width, C]`."""
   windows = jnp.asarray(windows)
   for name, value in (("window", window), ("height", height), ("width", width)):
-    _check_positive_int(name, value)
+    check_int(name, value)
   if height % window or width % window:
     raise ValueError(f"height={height} and width={width} must be multiples of window={window}")
   num_windows = (height // window) * (width // window)
@@ -319,7 +316,7 @@ def window_attention(
   usually clamp the window to the image and drop the shift there, which is theirs to do.
   """
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-  _check_positive_int("window", window)
+  check_int("window", window)
   if isinstance(shift, bool) or not isinstance(shift, (int, np.integer)):
     raise ValueError(f"shift={shift!r} must be an integer")
   if not 0 <= shift < window:

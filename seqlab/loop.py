@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from seqlab import checkpoint, flops, models, parallel, trainer
+from seqlab.validation import check_int
 from seqlab import workdir as workdir_lib
 from seqlab import metrics as metrics_lib
 from seqlab import train as train_lib
@@ -194,9 +195,7 @@ def make_eval_fn(experiment: Experiment) -> Callable:
 def _int_field(config, name: str, minimum: int, default=None) -> int:
   section, _, key = name.partition(".")
   value = config[section].get(key, default) if key else config.get(section, default)
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-    raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
-  return int(value)
+  return check_int(name, value, minimum)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -14,18 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqlab.validation import check_int
+
 Array = Any  # jax.Array or numpy.ndarray
 
 
 # ---------------------------------------------------------------------------------------------
 # Input validation (public boundary: plain ValueError naming the argument and the value).
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_length(name: str, value: Any, *, minimum: int = 1) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-    raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
-  return int(value)
 
 
 def _as_2d(name: str, x: Array, kind: str) -> jnp.ndarray:
@@ -86,8 +82,8 @@ def causal(q_len: int, kv_len: int | None = None, *, offset: Array = 0) -> jnp.n
       1 1 0 0
       1 1 1 0
   """
-  q_len = _check_length("q_len", q_len)
-  kv_len = q_len if kv_len is None else _check_length("kv_len", kv_len)
+  q_len = check_int("q_len", q_len)
+  kv_len = q_len if kv_len is None else check_int("kv_len", kv_len)
   return jnp.asarray(_key_minus_query(q_len, kv_len, offset) <= 0)
 
 
@@ -193,8 +189,8 @@ def local_window(q_len: int, kv_len: int | None, window: int | tuple[int, int], 
       0 0 1 1
   """
   left, right = _window_sizes(window)
-  q_len = _check_length("q_len", q_len)
-  kv_len = q_len if kv_len is None else _check_length("kv_len", kv_len)
+  q_len = check_int("q_len", q_len)
+  kv_len = q_len if kv_len is None else check_int("kv_len", kv_len)
   relative_B1TS = _key_minus_query(q_len, kv_len, offset)
   return jnp.asarray((relative_B1TS >= -left) & (relative_B1TS <= right))
 
@@ -262,7 +258,7 @@ def decoder_mask(decoder_segment_ids: Array | None = None,
   given = {name: _as_2d(name, x, kind) for name, (x, kind) in features.items() if x is not None}
   lengths = {name: x.shape[1] for name, x in given.items()}
   if length is not None:
-    lengths["length"] = _check_length("length", length)
+    lengths["length"] = check_int("length", length)
   if not lengths:
     raise ValueError("decoder_mask needs length= or at least one of decoder_segment_ids, "
                      "decoder_causal_attention, decoder_target_tokens")

@@ -44,6 +44,7 @@ import jax
 import numpy as np
 
 from seqlab import checkpoint, monitor, parallel
+from seqlab.validation import check_int
 from seqlab import train as train_lib
 from seqlab import workdir as workdir_lib
 
@@ -84,12 +85,6 @@ class Job:
         other.task, other.init, other.unit)
 
 
-def _positive(name: str, value, minimum: int = 1) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-    raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
-  return int(value)
-
-
 @dataclasses.dataclass(frozen=True)
 class Options:
   """How to train. Names follow the `train.*` / `mesh.*` config fields they come from.
@@ -113,13 +108,13 @@ class Options:
   label: str = ""
 
   def __post_init__(self):
-    _positive("train.steps", self.steps)
-    _positive("train.accum_steps", self.accum_steps)
-    _positive("train.log_every", self.log_every)
-    _positive("train.checkpoint_every", self.checkpoint_every, 0)
-    _positive("train.eval_every", self.eval_every, -1)
-    _positive("train.max_to_keep", self.max_to_keep)
-    _positive("train.stop_check_every", self.stop_check_every)
+    check_int("train.steps", self.steps)
+    check_int("train.accum_steps", self.accum_steps)
+    check_int("train.log_every", self.log_every)
+    check_int("train.checkpoint_every", self.checkpoint_every, 0)
+    check_int("train.eval_every", self.eval_every, -1)
+    check_int("train.max_to_keep", self.max_to_keep)
+    check_int("train.stop_check_every", self.stop_check_every)
     if self.strategy not in parallel.STRATEGIES:
       raise ValueError(f"mesh.strategy={self.strategy!r} is not one of {parallel.STRATEGIES}")
     if self.best_mode not in ("min", "max"):

@@ -53,6 +53,19 @@ def random_qkv(rng, batch, q_len, kv_len, num_heads, num_kv_heads, head_dim, dty
   return q, k, v
 
 
+def broadcast_case(seed, batch, q_len, kv_len, num_kv_heads, groups, head_dim, mask_dims,
+                   bias_dims):
+  """q, k, v and a mask and bias broadcast over the dims flagged True (None: absent)."""
+  rng = np.random.default_rng(seed)
+  num_heads = num_kv_heads * groups
+  q, k, v = random_qkv(rng, batch, q_len, kv_len, num_heads, num_kv_heads, head_dim)
+  full = (batch, num_heads, q_len, kv_len)
+  pick = lambda dims: tuple(size if keep else 1 for size, keep in zip(full, dims))
+  mask = None if mask_dims is None else rng.random(pick(mask_dims)) < 0.6
+  bias = None if bias_dims is None else rng.normal(size=pick(bias_dims)).astype(np.float32)
+  return q, k, v, mask, bias
+
+
 def blocks_of(block_bytes):
   """Context: dot_product_attention's XLA path uses blocks of `block_bytes` (None = default)."""
   if block_bytes is None:
@@ -94,18 +107,14 @@ def test_reference_matches_oracle(batch, q_len, kv_len, num_kv_heads, groups, he
                                   mask_dims, bias_dims, scale, seed):
   """`reference_attention` is the float64 oracle in float32, for any head grouping and any
   broadcast pattern of mask and bias (True = full size); rows with no allowed key are 0."""
-  rng = np.random.default_rng(seed)
-  num_heads = num_kv_heads * groups
-  q, k, v = random_qkv(rng, batch, q_len, kv_len, num_heads, num_kv_heads, head_dim)
-  full = (batch, num_heads, q_len, kv_len)
-  pick = lambda dims: tuple(size if keep else 1 for size, keep in zip(full, dims))
-  mask = None if mask_dims is None else rng.random(pick(mask_dims)) < 0.6
-  bias = None if bias_dims is None else rng.normal(size=pick(bias_dims)).astype(np.float32)
+  q, k, v, mask, bias = broadcast_case(seed, batch, q_len, kv_len, num_kv_heads, groups,
+                                       head_dim, mask_dims, bias_dims)
   out = jitted(functools.partial(attention.reference_attention, scale=scale), q, k, v,
                mask=mask, bias=bias)
   assert out.dtype == jnp.float32 and out.shape == q.shape
   assert rel_error(out, np_attention(q, k, v, mask, bias, scale)) < 1e-5
   if mask is not None:
+    full = (batch, num_kv_heads * groups, q_len, kv_len)
     empty_rows = ~np.broadcast_to(mask, full).any(axis=-1)     # [B, N, T]
     assert np.all(np.asarray(out).transpose(0, 2, 1, 3)[empty_rows] == 0)
 
@@ -216,13 +225,8 @@ def test_property_matches_oracle(batch, q_len, kv_len, num_kv_heads, groups, hea
                                  mask_dims, bias_dims, block_bytes, seed):
   """Any shapes, head layouts and broadcast patterns of mask and bias (True = full size), in
   one piece or in blocks (`block_bytes` shrinks the blocks so that tiny inputs use them)."""
-  rng = np.random.default_rng(seed)
-  num_heads = num_kv_heads * groups
-  q, k, v = random_qkv(rng, batch, q_len, kv_len, num_heads, num_kv_heads, head_dim)
-  full = (batch, num_heads, q_len, kv_len)
-  pick = lambda dims: tuple(size if keep else 1 for size, keep in zip(full, dims))
-  mask = None if mask_dims is None else rng.random(pick(mask_dims)) < 0.6
-  bias = None if bias_dims is None else rng.normal(size=pick(bias_dims)).astype(np.float32)
+  q, k, v, mask, bias = broadcast_case(seed, batch, q_len, kv_len, num_kv_heads, groups,
+                                       head_dim, mask_dims, bias_dims)
   with blocks_of(block_bytes):
     out = jitted(attention.dot_product_attention, q, k, v, mask=mask, bias=bias)
   assert out.shape == q.shape

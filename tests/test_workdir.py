@@ -56,8 +56,8 @@ def test_metric_writer_mirrors_and_resumes_on_a_bucket(bucket):
   events = list(epath.Path(workdir_lib.join(bucket, "tensorboard")).iterdir())
   assert len(events) == 1 and events[0].name.startswith("events.out.tfevents")
   assert events[0].stat().length > 0
-  # A resumed run appends to what the first one wrote (object stores cannot append).
-  writer = monitor.MetricWriter(bucket, mirror_every_s=3600)
+  # A run resumed at step 2 keeps what the first one wrote (object stores cannot append).
+  writer = monitor.MetricWriter(bucket, resume_step=2, mirror_every_s=3600)
   writer.write(3, {"loss": 1.5})
   assert len(remote.read_text().splitlines()) == 2  # not mirrored yet
   writer.close()  # ... but always at close
