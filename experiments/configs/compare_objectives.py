@@ -9,7 +9,7 @@ Args:    quick (default), smoke, gpu, pod.
 quick    Byte-level stdlib corpus, 128-token rows, d_model 96, 2 layers per stack, 10 cells
          (causal/prefix decoder and encoder-decoder x full LM / prefix LM / span corruption /
          UL2; a full LM fits only the causal decoder) x 2 seeds.
-         Time: about 8 minutes on a 2-core CPU (7m19s measured).
+         Time: about 9 minutes on a 2-core CPU (9m05s measured).
          Expect: the full-LM causal decoder best or tied on (a) continuation NLL (at this
          budget the encoder-decoder prefix LM is within the seeds' spread; with 4-8x the
          steps the causal decoder leads clearly, results/compare_objectives/budget); span
