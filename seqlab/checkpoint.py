@@ -100,16 +100,14 @@ def _leaf_fingerprint(x: jax.Array) -> jax.Array:
   return jnp.sum(bits * weights, dtype=jnp.uint32)
 
 
-# One small program per leaf shape, dtype and sharding (shared by every state that has such a
-# leaf), rather than one program per state structure.
-_leaf_fingerprint_jit = jax.jit(_leaf_fingerprint)
+_fingerprint_all = jax.jit(lambda tree: jax.tree_util.tree_map(_leaf_fingerprint, tree))
 
 
 def fingerprints(tree: Any) -> dict[str, int]:
   """{leaf path: fingerprint} of a pytree of arrays (a collective on several processes)."""
-  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  values = jax.device_get([_leaf_fingerprint_jit(leaf) for _, leaf in leaves])
-  return {jax.tree_util.keystr(path): int(np.asarray(v)) for (path, _), v in zip(leaves, values)}
+  values = jax.device_get(_fingerprint_all(tree))
+  leaves, _ = jax.tree_util.tree_flatten_with_path(values)
+  return {jax.tree_util.keystr(path): int(np.asarray(v)) for path, v in leaves}
 
 
 class Restored(NamedTuple):
