@@ -100,6 +100,8 @@ def _leaf_fingerprint(x: jax.Array) -> jax.Array:
   return jnp.sum(bits * weights, dtype=jnp.uint32)
 
 
+# One program for the whole state: many small programs with collectives in flight at once can
+# stall XLA:CPU's rendezvous on sharded arrays.
 _fingerprint_all = jax.jit(lambda tree: jax.tree_util.tree_map(_leaf_fingerprint, tree))
 
 

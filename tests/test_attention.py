@@ -749,7 +749,7 @@ X = np.zeros((1, 6, 6, 2, 4), np.float32)
     (lambda: attention.window_partition(np.zeros((5, 6, 3)), 3), "x must have rank 4"),
     (lambda: attention.window_reverse(np.zeros((3, 9, 2)), 3, 6, 6),
      r"windows must be \[B \* 4, 9, C\].*\(3, 9, 2\)"),
-    (lambda: attention.window_attention(X, X, X, window=0), "window=0 must be a positive"),
+    (lambda: attention.window_attention(X, X, X, window=0), "window=0 must be an integer >= 1"),
     (lambda: attention.window_attention(X, X, X, window=3, shift=3),
      "shift=3 must satisfy 0 <= shift < window=3"),
     (lambda: attention.window_attention(X, X, X, window=3, shift=-1), "shift=-1"),
