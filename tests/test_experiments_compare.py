@@ -37,12 +37,19 @@ def smoke_config(*overrides):
 # ─── The smoke run: every output written and well-formed; a rerun recomputes nothing ────────
 
 
-def test_smoke_run_writes_every_output_and_resumes(tmp_path, monkeypatch):
-  workdir, scratch = str(tmp_path / "results"), str(tmp_path / "scratch")
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  """The smoke grid run once in this process: (argv, summary, out dir, scratch dir)."""
+  base = tmp_path_factory.mktemp("smoke")
+  workdir, scratch = str(base / "results"), str(base / "scratch")
   argv = ["--config", CONFIG + ":smoke", "--workdir", workdir, "--scratch", scratch,
           "--config.readouts.num_sequences=5"]
   summary = compare_objectives.main(argv)
-  run_dir = os.path.join(workdir, "smoke")
+  return argv, summary, os.path.join(workdir, "smoke"), scratch
+
+
+def test_smoke_run_writes_every_output_and_resumes(smoke_run, monkeypatch):
+  argv, summary, run_dir, scratch = smoke_run
   config = smoke_config("--config.readouts.num_sequences=5")
   expected_cells = grid.grid_names(config)
   assert [(e["architecture"], e["objective"]) for e in summary] == expected_cells
@@ -153,27 +160,19 @@ compare_objectives.main(sys.argv[1:])
 WALL_TIME_FIELDS = ("pretrain_seconds", "cell_seconds")
 
 
-def test_a_cell_killed_mid_pretraining_resumes_to_the_same_row(tmp_path):
-  """SIGKILL after pretraining checkpoint 2 of 3, rerun: the row of an uninterrupted run."""
+def test_a_cell_killed_mid_pretraining_resumes_to_the_same_row(smoke_run, tmp_path, capsys):
+  """SIGKILL after pretraining checkpoint 2 of 3, rerun: the smoke run's (uninterrupted) row."""
   cell = "causal_decoder__span_corruption__seed0"  # span corruption: the data state matters
-
-  def argv(name):
-    return [CONFIG + ":smoke", "--workdir", str(tmp_path / name), "--scratch",
-            str(tmp_path / name / "scratch"), "--config.grid.objectives=span_corruption",
-            "--config.readouts.num_sequences=5"]
-
-  def row(name):
-    with open(tmp_path / name / "smoke" / "cells" / f"{cell}.json") as f:
-      return json.load(f)["row"]
-
-  straight = _helpers.python("experiments/compare_objectives.py", "--config", *argv("straight"))
-  assert straight.returncode == 0, straight.stderr[-3000:]
-  checkpoints = tmp_path / "killed" / "scratch" / "smoke" / cell / "pretrain" / "checkpoints"
+  argv = ["--config", CONFIG + ":smoke", "--workdir", str(tmp_path), "--scratch",
+          str(tmp_path / "scratch"), "--config.grid.objectives=span_corruption",
+          "--config.readouts.num_sequences=5"]
+  checkpoints = tmp_path / "scratch" / "smoke" / cell / "pretrain" / "checkpoints"
+  # The killed process computes with this process's matmul precision (conftest), so its steps
+  # are the ones the in-process rerun and the smoke run compute.
+  env = _helpers.subprocess_env(JAX_DEFAULT_MATMUL_PRECISION="highest")
   with open(tmp_path / "killed.err", "w") as err:
-    paused = subprocess.Popen([sys.executable, "-c", _PAUSED_AT_BATCH_3, "--config",
-                               *argv("killed")], cwd=_helpers.ROOT,
-                              env=_helpers.subprocess_env(), stdout=subprocess.DEVNULL,
-                              stderr=err)
+    paused = subprocess.Popen([sys.executable, "-c", _PAUSED_AT_BATCH_3, *argv],
+                              cwd=_helpers.ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
     try:
       deadline = time.monotonic() + 300
       while not (checkpoints / "2").is_dir():  # orbax renames a finished save into place
@@ -184,10 +183,15 @@ def test_a_cell_killed_mid_pretraining_resumes_to_the_same_row(tmp_path):
       paused.send_signal(signal.SIGKILL)
       paused.wait(timeout=60)
   assert sorted(p.name for p in checkpoints.iterdir()) == ["2"]
-  resumed = _helpers.python("experiments/compare_objectives.py", "--config", *argv("killed"))
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "resuming from step 2" in resumed.stderr
-  want, got = row("straight"), row("killed")
+  capsys.readouterr()
+  compare_objectives.main(argv)
+  assert "resuming from step 2" in capsys.readouterr().err
+
+  def row(run_dir):
+    with open(os.path.join(run_dir, "cells", f"{cell}.json")) as f:
+      return json.load(f)["row"]
+
+  want, got = row(smoke_run[2]), row(tmp_path / "smoke")
   assert set(got) == set(want)
   for field in sorted(set(want) - set(WALL_TIME_FIELDS)):
     assert got[field] == want[field], field

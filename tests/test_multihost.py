@@ -37,21 +37,27 @@ def _free_slurm_port() -> int:
   raise RuntimeError("no free port in [61440, 65535]")
 
 
-@pytest.mark.parametrize("joining", ["explicit", "auto"])
-def test_two_processes_match_the_single_process_losses(tmp_path, joining):
+def _joining(mode: str) -> tuple[str, list[dict[str, str]]]:
+  """(coordinator address argument, the two processes' environments) for a joining mode.
+
+  "explicit": `distributed.coordinator_address` on a free port. "auto":
+  `distributed.initialize=True` calls jax.distributed.initialize() with no arguments, which
+  reads a SLURM job's variables (as on a cluster); the job id chooses the port.
+  """
+  envs = [_helpers.subprocess_env() for _ in range(2)]
+  if mode == "explicit":
+    return f"127.0.0.1:{portpicker.pick_unused_port()}", envs
+  job_id = _free_slurm_port() - 61440
+  for i, env in enumerate(envs):
+    env.update(SLURM_JOB_ID=str(job_id), SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS="2",
+               SLURM_PROCID=str(i), SLURM_LOCALID=str(i), SLURM_STEP_NUM_NODES="1")
+  return "auto", envs
+
+
+def test_two_processes_match_the_single_process_losses(tmp_path):
   worker = os.path.join(_helpers.TESTS, "_multihost_worker.py")
   out = tmp_path / "losses.json"
-  envs = [_helpers.subprocess_env() for _ in range(2)]
-  if joining == "explicit":
-    address = f"127.0.0.1:{portpicker.pick_unused_port()}"
-  else:
-    # `distributed.initialize=True` calls jax.distributed.initialize() with no arguments, which
-    # reads a SLURM job's variables (as on a cluster); the job id chooses the port.
-    address = "auto"
-    job_id = _free_slurm_port() - 61440
-    for i, env in enumerate(envs):
-      env.update(SLURM_JOB_ID=str(job_id), SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS="2",
-                 SLURM_PROCID=str(i), SLURM_LOCALID=str(i), SLURM_STEP_NUM_NODES="1")
+  address, envs = _joining("explicit")
   procs = [subprocess.Popen(
       [sys.executable, worker, address, str(i), str(tmp_path / "workdir"), str(out)],
       cwd=_helpers.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -70,20 +76,19 @@ def test_two_processes_match_the_single_process_losses(tmp_path, joining):
   data = json.loads((tmp_path / "workdir" / "checkpoints" / "4" / "data" / "metadata")
                     .read_text())
   assert len(data["per_process"]) == 2 and data["per_process"][0] != data["per_process"][1]
-  _UNINTERRUPTED.setdefault("workdir", tmp_path / "workdir")
+  _UNINTERRUPTED["workdir"] = tmp_path / "workdir"
 
 
-# The explicit run above is the uninterrupted reference of the preemption test below.
+# The run above is the uninterrupted reference of the preemption test below.
 _UNINTERRUPTED: dict[str, pathlib.Path] = {}
 
 
 # ─── Preemption and a dead process ───────────────────────────────────────────────────────────
 
 
-
-def _start(tmp_path, name, pauses=("0", "0"), extra=()):
-  """Two workers on a fresh port; `pauses[i]` is process i's PAUSE_AT (0: never)."""
-  address = f"127.0.0.1:{portpicker.pick_unused_port()}"
+def _start(tmp_path, name, pauses=("0", "0"), extra=(), joining="explicit"):
+  """Two workers joining as `joining` says; `pauses[i]` is process i's PAUSE_AT (0: never)."""
+  address, envs = _joining(joining)
   worker = os.path.join(_helpers.TESTS, "_multihost_worker.py")
   procs = []
   for i in range(2):
@@ -91,8 +96,8 @@ def _start(tmp_path, name, pauses=("0", "0"), extra=()):
     procs.append(subprocess.Popen(
         [sys.executable, worker, address, str(i), str(tmp_path / name),
          str(tmp_path / f"{name}.json"), pauses[i], marker, *extra],
-        cwd=_helpers.ROOT, env=_helpers.subprocess_env(), stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True))
+        cwd=_helpers.ROOT, env=envs[i], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True))
   return procs
 
 
@@ -134,7 +139,8 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_bitwise(tmp_p
   stopped = json.loads((tmp_path / "preempted.json").read_text())
   assert stopped["status"] == "preempted" and stopped["step"] == 2
   assert sorted(os.listdir(tmp_path / "preempted" / "checkpoints")) == ["2"]
-  resumed = _start(tmp_path, "preempted")
+  # The resumed pair joins as SLURM tasks do (jax.distributed.initialize() with no arguments).
+  resumed = _start(tmp_path, "preempted", joining="auto")
   for p in resumed:
     assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
   final = json.loads((tmp_path / "preempted.json").read_text())
