@@ -10,16 +10,16 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c requirements-lock.txt -e '.[dev,hf]'
+	$(PY) -m pip install --quiet -c requirements-lock.txt -e '.[dev,hf,eval]'
 	touch $(STAMP)
 
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --maxprocesses=4 tests
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m "" tests
+	$(PY) -m pytest -q -n auto --maxprocesses=4 -m "" tests
 
 reproduce: $(STAMP)
 	$(PY) experiments/compare_objectives.py --config experiments/configs/compare_objectives.py:quick --workdir results/compare_objectives

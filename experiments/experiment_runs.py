@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import functools
 import os
 import sys
 import time
@@ -62,29 +61,6 @@ def host_params(params):
   return jax.tree_util.tree_map(fetch, params)
 
 
-@functools.lru_cache(maxsize=None)
-def job(model_cfg, optimizer: train_lib.OptimizerConfig, from_params: bool = False
-        ) -> trainer.Job:
-  """The engine's `Job` training `model_cfg` with `optimizer` on its architecture's task.
-
-  `init_args` (set per training): `(key,)` initialises the parameters from `key`; with
-  `from_params`, `(params, key)` starts from `params`. The dropout key is `fold_in(key, 1)`.
-  Cached, so every seed and cell of one shape shares the engine's compiled programs.
-  """
-  model = model_cfg.build()
-  tx = train_lib.make_optimizer(optimizer)
-  task = train_lib.task_for(loop.architecture_of(model_cfg))
-
-  def state(params, key):
-    return train_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                                       rng=jax.random.fold_in(key, 1))
-
-  if from_params:
-    return trainer.Job(task, state)
-  dummy = model_cfg.dummy_batch(1)
-  return trainer.Job(task, lambda key: state(model.init(key, dummy)["params"], key))
-
-
 def train(model_cfg, optimizer: train_lib.OptimizerConfig, key, batches: Iterator[dict],
           config: ml_collections.ConfigDict, *, steps: int, workdir: str, inputs: dict,
           params=None, label: str = "") -> trainer.Result:
@@ -105,7 +81,7 @@ def train(model_cfg, optimizer: train_lib.OptimizerConfig, key, batches: Iterato
                             checkpoint_every=every, label=label,
                             progress=bool(config.train.get("progress", False)))
   init_args = (key,) if params is None else (params, key)
-  return trainer.run(dataclasses.replace(job(model_cfg, optimizer, params is not None),
+  return trainer.run(dataclasses.replace(loop.model_job(model_cfg, optimizer, params is not None),
                                          init_args=init_args),
                      batches, loop.make_mesh(config), options, workdir=workdir,
                      config=recorded, resumable=RESUMABLE)

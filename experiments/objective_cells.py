@@ -13,10 +13,8 @@ import dataclasses
 import os
 import re
 import time
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -30,12 +28,9 @@ from seqlab import features as features_lib
 from seqlab import train as train_lib
 from seqlab.data import pipeline as pipeline_lib
 from seqlab.data import sources as sources_lib
+from seqlab.evaluation import scoring
 
-# ─── Runtime context: data, and one compilation per model and shape ─────────────────────────
-
-
-# Jitted readouts per model config: shared by every cell and every Context of the process.
-_CACHE: dict[Any, Any] = {}
+# ─── Runtime context: the data every cell shares ─────────────────────────────────────────────
 
 
 def _spread(items, num: int) -> list:
@@ -47,7 +42,7 @@ def _spread(items, num: int) -> list:
 
 
 class Context:
-  """What every cell shares: tokenizer, held-out data and jitted readouts."""
+  """What every cell shares: tokenizer and held-out data."""
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer):
     self.config = config
@@ -68,20 +63,6 @@ class Context:
                                                      **sizes)
     if not self.naming_eval or not self.naming_train:
       raise ValueError(f"data.source={data.source!r} yields no Python functions for (c)")
-
-  def token_nll(self, model_cfg):
-    """jit (params, batch) -> float32 [B, Ld]: -log p(decoder_target_tokens), no dropout."""
-    key = ("nll", model_cfg)
-    if key not in _CACHE:
-      model = model_cfg.build()
-
-      def fn(params, batch):
-        logits = model.apply({"params": params}, batch).astype(jnp.float32)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return -jnp.take_along_axis(logp, batch["decoder_target_tokens"][..., None], -1)[..., 0]
-
-      _CACHE[key] = jax.jit(fn)
-    return _CACHE[key]
 
 
 def optimizer_config(section: ml_collections.ConfigDict, steps: int) -> train_lib.OptimizerConfig:
@@ -118,7 +99,7 @@ def pretrain(cell: grid.Cell, seed: int, ctx: Context, workdir: str) -> trainer.
                     inputs=_train_config(config, cell, seed), label=f"{cell.name} seed {seed}")
 
 
-def _naming_examples(ctx: Context, cell: grid.Cell, pairs) -> list[readouts.Example]:
+def _naming_examples(ctx: Context, cell: grid.Cell, pairs) -> list[scoring.Request]:
   return readouts.naming_examples(pairs, ctx.tokenizer, cell.spec.readout, ctx.special)
 
 
@@ -150,7 +131,7 @@ class NamingBatches:
     examples = _naming_examples(self.ctx, self.cell,
                                 [self.ctx.naming_train[i] for i in self.order[first:first + rows]])
     feats = [features_lib.pad(features_lib.convert_example(
-        {"inputs": e.inputs, "targets": e.targets}, self.cell.streams,
+        {"inputs": e.context, "targets": e.continuation}, self.cell.streams,
         eos_id=self.ctx.special.eos), self.lengths) for e in examples]
     return {k: np.stack([f[k] for f in feats]) for k in feats[0]}
 
@@ -228,12 +209,12 @@ def run_cell(cell: grid.Cell, seed: int, ctx: Context, scratch: str) -> dict:
   pretrain_seconds = time.perf_counter() - start
   params = runs.host_params(pretrained.state.params)
   fmt = cell.spec.readout
-  nll_fn = ctx.token_nll(cell.model_config)
   eval_rows = int(config.readouts.batch_size)
 
-  def score(examples, form, lengths, p):
-    return readouts.mean_nll(nll_fn, p, examples, cell.streams, form, lengths, eval_rows,
-                             eos_id=special.eos)
+  def score(examples, form, lengths, p):  # one example per row: every readout has one shape
+    return readouts.mean_nll(scoring.Scorer(cell.model_config, p, fmt=form, lengths=lengths,
+                                            eos_id=special.eos, batch_size=eval_rows,
+                                            pack=False), examples)
 
   lengths = grid.readout_lengths(cell, config)
   continuation = score(readouts.continuation_examples(ctx.chunks, fmt, special), fmt.format,

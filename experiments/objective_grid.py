@@ -21,6 +21,7 @@ from seqlab import features as features_lib
 from seqlab import flops, models
 from seqlab import objectives as obj
 from seqlab.data import pipeline as pipeline_lib
+from seqlab.evaluation import scoring
 
 # name -> (feature-converter architecture, decoder attention)
 ARCHITECTURES = {
@@ -213,16 +214,16 @@ def plan(config: ml_collections.ConfigDict, special: obj.SpecialIds) -> list[Cel
   return cells
 
 
-def _longest_naming_example(config, spec: ObjectiveSpec, special) -> list[readouts.Example]:
+def _longest_naming_example(config, spec: ObjectiveSpec, special) -> list[scoring.Request]:
   ft = config.finetune
   filler = special.first_regular_id
   body = np.full(ft.max_body_bytes, filler, np.int32)
-  example = readouts.Example(body, np.full(ft.max_name_bytes, filler, np.int32),
+  example = scoring.Request(body, np.full(ft.max_name_bytes, filler, np.int32),
                              np.ones(ft.max_name_bytes, bool))
   if spec.readout.finetune_mode:
-    example = readouts.Example(np.concatenate([[special.mode_id(spec.readout.finetune_mode)],
+    example = scoring.Request(np.concatenate([[special.mode_id(spec.readout.finetune_mode)],
                                                body]).astype(np.int32),
-                               example.targets, example.scored)
+                               example.continuation, example.scored)
   return [example]
 
 

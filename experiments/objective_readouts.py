@@ -31,13 +31,14 @@ from __future__ import annotations
 import ast
 import dataclasses
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from seqlab import features as features_lib
 from seqlab import objectives as obj
+from seqlab.evaluation import scoring
 
 FORMATS = ("lm", "seq2seq")
 
@@ -57,14 +58,6 @@ class ReadoutFormat:
   infill_mode: str | None = None
   finetune_mode: str | None = None
   continuation_sentinel: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-  """One readout example: token arrays and the targets that are scored (bool, like targets)."""
-  inputs: np.ndarray
-  targets: np.ndarray
-  scored: np.ndarray
 
 
 # ─── Held-out chunks ─────────────────────────────────────────────────────────────────────────
@@ -101,7 +94,7 @@ def _with_mode(tokens: np.ndarray, mode: str | None, special: obj.SpecialIds) ->
 
 
 def continuation_examples(chunks: np.ndarray, fmt: ReadoutFormat,
-                          special: obj.SpecialIds) -> list[Example]:
+                          special: obj.SpecialIds) -> list[scoring.Request]:
   """(a): prefix = first half, target = second half of every chunk (module doc)."""
   half = chunks.shape[1] // 2
   out = []
@@ -113,13 +106,13 @@ def continuation_examples(chunks: np.ndarray, fmt: ReadoutFormat,
       prefix = np.concatenate([prefix, sentinel])
       target = np.concatenate([sentinel, target])
       scored = np.concatenate([[False], scored])
-    out.append(Example(_with_mode(prefix, fmt.continuation_mode, special), target, scored))
+    out.append(scoring.Request(_with_mode(prefix, fmt.continuation_mode, special), target, scored))
   return out
 
 
 def infill_examples(chunks: np.ndarray, fmt: ReadoutFormat, special: obj.SpecialIds, *,
                     seed: int, noise_density: float = 0.15,
-                    mean_noise_span_length: float = 3.0) -> list[Example]:
+                    mean_noise_span_length: float = 3.0) -> list[scoring.Request]:
   """(b): R-denoiser span corruption of every chunk; the mask of chunk i uses seed [seed, i]."""
   out = []
   for i, chunk in enumerate(chunks):
@@ -128,7 +121,7 @@ def infill_examples(chunks: np.ndarray, fmt: ReadoutFormat, special: obj.Special
     example = obj.corrupt_spans(chunk, mask, special.sentinel_ids)
     targets = example["targets"]
     scored = ~np.isin(targets, special.sentinel_ids)
-    out.append(Example(_with_mode(example["inputs"], fmt.infill_mode, special), targets, scored))
+    out.append(scoring.Request(_with_mode(example["inputs"], fmt.infill_mode, special), targets, scored))
   return out
 
 
@@ -175,13 +168,13 @@ def function_name_pairs(texts: Sequence[str], *, max_body_bytes: int,
 
 
 def naming_examples(pairs: Sequence[tuple[str, str]], tokenizer: Any, fmt: ReadoutFormat,
-                    special: obj.SpecialIds) -> list[Example]:
+                    special: obj.SpecialIds) -> list[scoring.Request]:
   """(c) as seq2seq examples: inputs = [mode] body, targets = name (all scored)."""
   out = []
   for body, name in pairs:
     inputs = np.asarray(tokenizer.encode(body), np.int32)
     targets = np.asarray(tokenizer.encode(name), np.int32)
-    out.append(Example(_with_mode(inputs, fmt.finetune_mode, special), targets,
+    out.append(scoring.Request(_with_mode(inputs, fmt.finetune_mode, special), targets,
                        np.ones(targets.size, bool)))
   return out
 
@@ -189,90 +182,37 @@ def naming_examples(pairs: Sequence[tuple[str, str]], tokenizer: Any, fmt: Reado
 # ─── Features ────────────────────────────────────────────────────────────────────────────────
 
 
-def example_features(example: Example, architecture: str, fmt: str, *,
-                     eos_id: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-  """One example -> (unpadded features, float32 weights over `decoder_target_tokens`).
-
-  The weights are 1 exactly on the scored targets; eos and separators get 0.
-  """
-  if fmt not in FORMATS:
-    raise ValueError(f"format={fmt!r} is not one of {FORMATS}")
-  if fmt == "lm":
-    if architecture != "decoder":
-      raise ValueError(f"format 'lm' needs architecture='decoder', not {architecture!r}")
-    stream = np.concatenate([example.inputs, example.targets])
-    feats = features_lib.convert_decoder({"targets": stream}, eos_id=None,
-                                         loss_on_targets_only=False)
-    offset = example.inputs.size
-  else:
-    feats = features_lib.convert_example({"inputs": example.inputs, "targets": example.targets},
-                                         architecture, eos_id=eos_id)
-    offset = example.inputs.size + 1 if architecture == "decoder" else 0
-  weights = np.zeros(feats["decoder_target_tokens"].size, np.float32)
-  weights[offset:offset + example.targets.size] = example.scored
-  return feats, weights
-
-
-def feature_lengths(examples: Sequence[Example], architecture: str, fmt: str,
+def feature_lengths(examples: Sequence[scoring.Request], architecture: str, fmt: str,
                     eos_id: int) -> dict[str, int]:
   """The longest stream lengths the examples need (to check them against a budget)."""
   longest: dict[str, int] = {}
   for example in examples:
-    feats, _ = example_features(example, architecture, fmt, eos_id=eos_id)
+    feats, _ = scoring.request_features(example, architecture, fmt, eos_id=eos_id)
     for stream, n in features_lib.feature_lengths(feats).items():
       longest[stream] = max(longest.get(stream, 0), n)
   return longest
 
 
-def padded_batches(examples: Sequence[Example], architecture: str, fmt: str,
-                   lengths: Mapping[str, int], batch_size: int, *, eos_id: int):
-  """Yields (features dict of int32 [batch_size, L], weights float32 [batch_size, Ld]).
-
-  The last batch is filled with all-padding rows of weight 0, so every batch has one shape
-  (one compilation). ValueError if an example does not fit `lengths`.
-  """
-  rows, weights = [], []
-  for example in examples:
-    feats, w = example_features(example, architecture, fmt, eos_id=eos_id)
-    need = features_lib.feature_lengths(feats)
-    for stream, n in need.items():
-      if n > lengths[stream]:
-        raise ValueError(f"a readout example needs {stream} length {n} > {lengths[stream]}")
-    rows.append(features_lib.pad(feats, lengths))
-    padded_w = np.zeros(lengths["decoder"], np.float32)
-    padded_w[:w.size] = w
-    weights.append(padded_w)
-  for start in range(0, len(rows), batch_size):
-    chunk_rows, chunk_w = rows[start:start + batch_size], weights[start:start + batch_size]
-    while len(chunk_rows) < batch_size:
-      chunk_rows.append({k: np.zeros_like(v) for k, v in chunk_rows[0].items()})
-      chunk_w.append(np.zeros_like(chunk_w[0]))
-    yield ({k: np.stack([r[k] for r in chunk_rows]) for k in chunk_rows[0]},
-           np.stack(chunk_w))
-
-
-def mean_nll(token_nll_fn, params, examples: Sequence[Example], architecture: str, fmt: str,
-             lengths: Mapping[str, int], batch_size: int, *, eos_id: int) -> float:
-  """Weighted mean of `token_nll_fn(params, batch) -> float [B, Ld]` over the scored targets
-  (summed in float64 on the host)."""
-  total, count = 0.0, 0.0
-  for batch, weights in padded_batches(examples, architecture, fmt, lengths, batch_size,
-                                       eos_id=eos_id):
-    nll = np.asarray(token_nll_fn(params, batch), np.float64)
-    total += float((nll * weights).sum())
-    count += float(weights.sum())
+def mean_nll(scorer: scoring.Scorer, examples: Sequence[scoring.Request]) -> float:
+  """Mean NLL (nats) over the scored targets of `examples`, which must fit the scorer's rows
+  whole (a readout never drops context)."""
+  scores = scorer.score(examples)
+  if scorer.truncated:
+    raise ValueError(f"{scorer.truncated} readout examples do not fit the rows "
+                     f"{scorer.lengths}")
+  count = sum(s.num_tokens for s in scores)
   if count == 0:
     raise ValueError("no scored tokens in the readout")
-  return total / count
+  return -sum(s.logprob for s in scores) / count
 
 
-def generation_prompts(examples: Sequence[Example], architecture: str, *, eos_id: int,
+def generation_prompts(examples: Sequence[scoring.Request], architecture: str, *, eos_id: int,
                        length: int) -> np.ndarray:
   """int32 [N, length] prompts for `seqlab.decoding.generate`: decoder-only rows are the
   inputs ‖ eos LEFT-padded (generate prepends the start id), encoder rows RIGHT-padded."""
   out = np.zeros((len(examples), length), np.int32)
   for i, example in enumerate(examples):
-    row = np.concatenate([example.inputs, np.int32([eos_id])])
+    row = np.concatenate([example.context, np.int32([eos_id])])
     if row.size > length:
       raise ValueError(f"a prompt of length {row.size} exceeds {length}")
     if architecture == "decoder":

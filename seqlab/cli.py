@@ -4,9 +4,13 @@
   seqlab eval     --workdir DIR [--split validation] [--batches N]
   seqlab generate --workdir DIR --prompt "def " [--max-new-tokens 64]
                   [--strategy greedy|sample|beam]
+  seqlab lm-eval  --workdir DIR --tasks TASK[,TASK...] [--num-fewshot K] [--include-path DIR]
+                  [--no-default-tasks] [--limit N] [--batch-size B] [--mode auto|none|s2s|...]
 
 `train` resumes when DIR already holds checkpoints of the same model; `eval` and `generate`
-read the config saved in DIR and restore its newest readable checkpoint. Each prints one JSON
+read the config saved in DIR and restore its newest readable checkpoint; `lm-eval` scores that
+checkpoint with EleutherAI's lm-evaluation-harness (`pip install 'seqlab[eval]'`; model type
+`seqlab`, see seqlab/evaluation/lm_eval_model.py), one JSON line per task. Each prints one JSON
 line per result on stdout and nothing else (whatever a library or the distributed runtime
 prints goes to stderr); progress and notices go to stderr. Bad input (an unknown config key, a
 batch size that does not divide over the devices, a workdir locked by another run or holding
@@ -48,6 +52,17 @@ def _parse(argv):
   ge.add_argument("--top-p", type=float, default=None)
   ge.add_argument("--num-beams", type=int, default=4)
   ge.add_argument("--seed", type=int, default=0)
+  le = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on the newest checkpoint")
+  le.add_argument("--workdir", required=True)
+  le.add_argument("--tasks", required=True, help="comma-separated lm-evaluation-harness tasks")
+  le.add_argument("--num-fewshot", type=int, default=None)
+  le.add_argument("--include-path", default=None, help="a folder of task YAML files")
+  le.add_argument("--no-default-tasks", action="store_true",
+                  help="index only --include-path's tasks, not the harness's built-in ones")
+  le.add_argument("--limit", type=float, default=None, help="examples per task (or fraction)")
+  le.add_argument("--batch-size", type=int, default=8)
+  le.add_argument("--mode", default="auto", help="UL2 mode token: auto, none, s2s, nlu, nlg")
+  le.add_argument("--seed", type=int, default=1234)
   return parser.parse_known_args(argv)
 
 
@@ -137,6 +152,40 @@ def cmd_generate(args) -> int:
   return 0
 
 
+def cmd_lm_eval(args) -> int:
+  tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+  if not tasks:
+    raise ValueError(f"--tasks={args.tasks!r} names no task")
+  if args.num_fewshot is not None and args.num_fewshot < 0:
+    raise ValueError(f"--num-fewshot={args.num_fewshot} must be >= 0")
+  if args.batch_size < 1:
+    raise ValueError(f"--batch-size={args.batch_size} must be >= 1")
+  if args.limit is not None and not args.limit > 0:
+    raise ValueError(f"--limit={args.limit} must be > 0")
+  if args.mode not in ("auto", "none", "s2s", "nlu", "nlg"):
+    raise ValueError(f"--mode={args.mode!r} is not one of auto, none, s2s, nlu, nlg")
+  if args.include_path is not None and not os.path.isdir(args.include_path):
+    raise ValueError(f"--include-path={args.include_path!r} is not a directory")
+  try:
+    from seqlab.evaluation import lm_eval_model  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ValueError("seqlab lm-eval needs lm-evaluation-harness: pip install "
+                     f"'seqlab[eval]' ({e})") from None
+  limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+  try:
+    results = lm_eval_model.evaluate(args.workdir, tasks, num_fewshot=args.num_fewshot,
+                                     include_path=args.include_path, limit=limit,
+                                     batch_size=args.batch_size, mode=args.mode,
+                                     seed=args.seed,
+                                     include_defaults=not args.no_default_tasks)
+  except KeyError as e:  # lm-eval's error for a task it does not know
+    raise ValueError(f"--tasks: lm-evaluation-harness does not know {e}") from None
+  for task, values in results.items():
+    _emit({"task": task, **{k: (round(v, 6) if isinstance(v, float) else v)
+                            for k, v in values.items()}})
+  return 0
+
+
 def _results_to_real_stdout() -> None:
   """Keeps stdout for the JSON lines: file descriptor 1 is pointed at stderr, so whatever C++
   libraries print (the distributed runtime's gloo among them) lands there."""
@@ -185,6 +234,8 @@ def main(argv=None) -> int:
       raise ValueError(f"seqlab {args.command}: unrecognised arguments {rest}")
     if args.command == "eval":
       return cmd_eval(args)
+    if args.command == "lm-eval":
+      return cmd_lm_eval(args)
     return cmd_generate(args)
   except (ValueError, FloatingPointError) as e:  # bad input: a message, not a traceback
     print(f"seqlab {args.command}: error: {_one_line(e)}", file=sys.stderr)

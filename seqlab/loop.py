@@ -21,6 +21,7 @@ dies). A `workdir` may be a cloud-storage URL (`gs://bucket/run`; `seqlab.workdi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -336,6 +337,29 @@ def job(experiment: Experiment, global_batch_size: int) -> trainer.Job:
       flops_per_batch=flops_per_batch(experiment.model_cfg, experiment.architecture,
                                       experiment.lengths, global_batch_size),
       items_per_batch=global_batch_size * (sum(experiment.lengths.values()) or 1), unit=unit)
+
+
+@functools.lru_cache(maxsize=None)
+def model_job(model_cfg, optimizer: train_lib.OptimizerConfig, from_params: bool = False
+              ) -> trainer.Job:
+  """The engine's `Job` training `model_cfg` with `optimizer` on its architecture's task.
+
+  `init_args` (set per training): `(key,)` initialises the parameters from `key`; with
+  `from_params`, `(params, key)` starts from `params`. The dropout key is `fold_in(key, 1)`.
+  Cached, so every training of one model and optimizer shares the engine's compiled programs.
+  """
+  model = model_cfg.build()
+  tx = train_lib.make_optimizer(optimizer)
+  task = train_lib.task_for(architecture_of(model_cfg))
+
+  def state(params, key):
+    return train_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                                       rng=jax.random.fold_in(key, 1))
+
+  if from_params:
+    return trainer.Job(task, state)
+  dummy = model_cfg.dummy_batch(1)
+  return trainer.Job(task, lambda key: state(model.init(key, dummy)["params"], key))
 
 
 def last_values(history: list[dict[str, float]]) -> dict[str, float]:

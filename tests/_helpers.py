@@ -4,7 +4,8 @@ Subprocesses share one persistent XLA compilation cache, fresh for each test ses
 first compile of every program is still paid), which spares recompiling the same train step in
 every restarted run; its size limit turns on jax's file locking, so concurrent processes can
 share it. The 8-device worker starts in the background when a test module that needs it is
-imported (collection), and runs while the other tests do.
+imported (collection), once per test run even with several pytest-xdist workers, and runs
+while the other tests do.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import functools
 import importlib.util
 import json
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 
@@ -80,39 +84,86 @@ def python(*args: str, timeout: float = 300, cache: str = SHARED_CACHE,
                         capture_output=True, text=True, timeout=timeout, **popen)
 
 
-_background: dict[str, subprocess.Popen] = {}
+def _shared_dir(uid: str) -> str:
+  return os.path.join(tempfile.gettempdir(), f"seqlab_tests_{uid}")
+
+
+def run_dir() -> str:
+  """A directory shared by every process of this test run: pytest-xdist's workers share one
+  (named by the run's id; `end_run` removes it), a plain run uses `session_dir`."""
+  uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+  if uid is None:
+    return session_dir()
+  path = _shared_dir(uid)
+  os.makedirs(path, exist_ok=True)
+  return path
+
+
+def _multidevice_dir() -> str:
+  return os.path.join(run_dir(), "multidevice")
+
+
+def start_multidevice() -> None:
+  """Starts tests/_multidevice_worker.py (8 CPU devices) in the background, once per test run
+  (the process that creates its folder starts it; it writes `status` when it ends)."""
+  scratch = _multidevice_dir()
+  try:
+    os.mkdir(scratch)
+  except FileExistsError:
+    return  # started by this or another process of the run
+  worker = os.path.join(TESTS, "_multidevice_worker.py")
+  command = (f"{shlex.quote(sys.executable)} {shlex.quote(worker)} {shlex.quote(scratch)} "
+             f"> {shlex.quote(os.path.join(scratch, 'out'))} "
+             f"2> {shlex.quote(os.path.join(scratch, 'err'))}; "
+             f"echo $? > {shlex.quote(os.path.join(scratch, 'status.tmp'))}; "
+             f"mv {shlex.quote(os.path.join(scratch, 'status.tmp'))} "
+             f"{shlex.quote(os.path.join(scratch, 'status'))}")
+  proc = subprocess.Popen(["sh", "-c", command], cwd=ROOT, env=subprocess_env(),
+                          start_new_session=True)
+  with open(os.path.join(scratch, "pid"), "w") as f:
+    f.write(str(proc.pid))
+
+
+def _stop_multidevice(scratch: str) -> None:
+  """Kills the 8-device worker of `scratch` if it still runs (its tests were deselected)."""
+  if not os.path.isdir(scratch) or os.path.exists(os.path.join(scratch, "status")):
+    return
+  try:
+    os.killpg(int(open(os.path.join(scratch, "pid")).read()), signal.SIGKILL)
+  except (OSError, ValueError):
+    pass
+
+
+def end_run(uid: str) -> None:
+  """After a pytest-xdist run (conftest, in the controlling process): stops the run's 8-device
+  worker if it still runs and removes the run's shared folder."""
+  path = _shared_dir(uid)
+  _stop_multidevice(os.path.join(path, "multidevice"))
+  shutil.rmtree(path, ignore_errors=True)
 
 
 @atexit.register
 def _clean_up() -> None:
-  """Ends a background worker nobody waited for (its tests deselected), removes the caches."""
-  proc = _background.get("multidevice")
-  if proc is not None and proc.poll() is None:
-    proc.kill()
-    proc.wait()
-  if session_dir.cache_info().currsize:
-    shutil.rmtree(session_dir(), ignore_errors=True)
-
-
-def start_multidevice() -> None:
-  """Starts tests/_multidevice_worker.py (8 CPU devices) in the background, once."""
-  if "multidevice" in _background:
+  """Removes this process's caches; a plain run also stops a worker nobody waited for."""
+  if not session_dir.cache_info().currsize:
     return
-  scratch = tempfile.mkdtemp(dir=session_dir())
-  _background["multidevice"] = subprocess.Popen(
-      [sys.executable, os.path.join(TESTS, "_multidevice_worker.py"), scratch], cwd=ROOT,
-      env=subprocess_env(), stdout=open(os.path.join(scratch, "out"), "w"),
-      stderr=open(os.path.join(scratch, "err"), "w"))
-  _background["scratch"] = scratch  # type: ignore[assignment]
+  if os.environ.get("PYTEST_XDIST_TESTRUNUID") is None:
+    _stop_multidevice(_multidevice_dir())
+  shutil.rmtree(session_dir(), ignore_errors=True)
 
 
 @functools.lru_cache(maxsize=None)
 def multidevice_results() -> dict:
   """The JSON the 8-device worker prints (waits for it, starting it if needed)."""
   start_multidevice()
-  proc = _background["multidevice"]
-  scratch = _background["scratch"]
-  if proc.wait(timeout=900) != 0:
+  scratch = _multidevice_dir()
+  status = os.path.join(scratch, "status")
+  deadline = time.monotonic() + 900
+  while not os.path.exists(status):
+    if time.monotonic() > deadline:
+      raise RuntimeError("the 8-device worker did not finish within 900 s")
+    time.sleep(0.1)
+  if open(status).read().strip() != "0":
     err = open(os.path.join(scratch, "err")).read()
     raise RuntimeError(f"8-device worker failed:\n{err[-4000:]}")
   return json.loads(open(os.path.join(scratch, "out")).read().strip().splitlines()[-1])

@@ -1,19 +1,30 @@
-"""Test configuration: strict rank promotion and float32 matmuls on every backend."""
+"""Test configuration: strict rank promotion, float32 matmuls on every backend, and compiles
+without XLA's optimisation passes."""
+
+import uuid
 
 import jax
-import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-@pytest.fixture(scope="module")
-def fast_compile():
-  """Tiny models: XLA's optimisation passes cost more than they save; restore afterwards.
+# The tests' models are tiny: XLA's optimisation passes cost more compile time than they save
+# run time, so the suite runs without them (subprocesses that must compute bitwise what this
+# process computes get JAX_DISABLE_MOST_OPTIMIZATIONS too).
+jax.config.update("jax_disable_most_optimizations", True)
 
-  Modules opt in with `pytestmark = pytest.mark.usefixtures("fast_compile")`.
-  """
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+
+def pytest_configure(config):
+  """A pytest-xdist run gets a known id, so its workers' shared folder can be removed."""
+  if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+    if not getattr(config.option, "testrunuid", None):
+      config.option.testrunuid = uuid.uuid4().hex
+
+
+def pytest_sessionfinish(session):
+  config = session.config
+  uid = getattr(config.option, "testrunuid", None)
+  if uid and not hasattr(config, "workerinput"):
+    import _helpers  # pylint: disable=g-import-not-at-top
+    _helpers.end_run(uid)

@@ -9,8 +9,6 @@ import pytest
 from seqlab import flops
 from tests import _helpers
 
-pytestmark = pytest.mark.usefixtures("fast_compile")
-
 def _throughput_benchmark():
   return _helpers.load_script("experiments/benchmarks/train_throughput.py", "bench_throughput")
 

@@ -485,6 +485,47 @@ def test_bad_eval_and_generate_input_exits_2_with_one_line(run_a, capsys, argv, 
   _one_line_exit_2(capsys, [argv[0], "--workdir", str(run_a[0]), *argv[1:]], expected)
 
 
+def test_lm_eval_of_a_workdir_agrees_with_rank_classification(run_a, tmp_path, capsys,
+                                                              monkeypatch):
+  pytest.importorskip("lm_eval")
+  import _lm_eval_tasks  # pylint: disable=g-import-not-at-top
+  from seqlab.evaluation import harness  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+  folder = tmp_path / "tasks"
+  folder.mkdir()
+  _lm_eval_tasks.write_tasks(folder)
+  workdir = str(run_a[0])
+  assert cli.main(["lm-eval", "--workdir", workdir, "--tasks", "seqlab_choice",
+                   "--include-path", str(folder), "--no-default-tasks"]) == 0
+  [line] = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+  # The same examples through seqlab's own rank classification (lm-eval's prompt layout).
+  model = harness.LanguageModel.from_workdir(workdir)
+  assert (model.fmt, model.mode) == ("lm", None)  # tiny.py's decoder trains as a full LM
+  want = harness.rank_classification(model, _lm_eval_tasks.CHOICE)
+  assert line["task"] == "seqlab_choice"
+  assert line["acc,none"] == pytest.approx(want["acc"])
+  assert line["acc_norm,none"] == pytest.approx(want["acc_norm"])
+  _one_line_exit_2(capsys, ["lm-eval", "--workdir", workdir, "--tasks", "no_such_task",
+                            "--include-path", str(folder), "--no-default-tasks"],
+                   "no_such_task")
+
+
+LM_EVAL_CASES = [
+    (["--tasks", ","], "names no task"),
+    (["--tasks", "x", "--num-fewshot", "-1"], "--num-fewshot=-1"),
+    (["--tasks", "x", "--batch-size", "0"], "--batch-size=0"),
+    (["--tasks", "x", "--limit", "0"], "--limit=0.0"),
+    (["--tasks", "x", "--mode", "xyz"], "--mode='xyz'"),
+    (["--tasks", "x", "--include-path", "/no/such/dir"], "--include-path='/no/such/dir'"),
+]
+
+
+@pytest.mark.parametrize("argv,expected", LM_EVAL_CASES, ids=[c[1] for c in LM_EVAL_CASES])
+def test_bad_lm_eval_input_exits_2_with_one_line(run_a, capsys, argv, expected):
+  _one_line_exit_2(capsys, ["lm-eval", "--workdir", str(run_a[0]), *argv], expected)
+
+
 def test_eval_of_an_empty_or_damaged_workdir_exits_2_with_one_line(run_a, tmp_path, capsys):
   _one_line_exit_2(capsys, ["eval", "--workdir", str(tmp_path)], "has no config.json")
   _one_line_exit_2(capsys, ["eval", "--workdir", str(_damaged_copy(run_a, tmp_path))],

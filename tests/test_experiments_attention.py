@@ -22,8 +22,6 @@ CONFIG = str(ROOT / "experiments" / "configs" / "attention_variants.py")
 
 av = _helpers.load_script("experiments/attention_variants.py", "experiments_attention_variants")
 decode_cost = _helpers.load_script("experiments/decode_cost.py", "experiments_decode_cost")
-pytestmark = pytest.mark.usefixtures("fast_compile")
-
 
 def _tiny(num_kv_heads: int, **kw):
   fields = dict(vocab_size=512, d_model=32, num_heads=8, num_kv_heads=num_kv_heads, head_dim=4,

@@ -24,6 +24,7 @@ import objective_report as report  # pylint: disable=g-import-not-at-top,wrong-i
 
 from seqlab import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from seqlab import objectives as obj  # pylint: disable=g-import-not-at-top,wrong-import-position
+from seqlab.evaluation import scoring  # pylint: disable=g-import-not-at-top,wrong-import-position
 from seqlab.data import tokenizers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CONFIG = os.path.join(ROOT, "experiments", "configs", "compare_objectives.py")
@@ -167,9 +168,10 @@ def test_a_cell_killed_mid_pretraining_resumes_to_the_same_row(smoke_run, tmp_pa
           str(tmp_path / "scratch"), "--config.grid.objectives=span_corruption",
           "--config.readouts.num_sequences=5"]
   checkpoints = tmp_path / "scratch" / "smoke" / cell / "pretrain" / "checkpoints"
-  # The killed process computes with this process's matmul precision (conftest), so its steps
-  # are the ones the in-process rerun and the smoke run compute.
-  env = _helpers.subprocess_env(JAX_DEFAULT_MATMUL_PRECISION="highest")
+  # The killed process compiles as this process does (conftest), so its steps are the ones the
+  # in-process rerun and the smoke run compute.
+  env = _helpers.subprocess_env(JAX_DEFAULT_MATMUL_PRECISION="highest",
+                                JAX_DISABLE_MOST_OPTIMIZATIONS="true")
   with open(tmp_path / "killed.err", "w") as err:
     paused = subprocess.Popen([sys.executable, "-c", _PAUSED_AT_BATCH_3, *argv],
                               cwd=_helpers.ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
@@ -288,14 +290,14 @@ CHUNK = np.arange(10, 18, dtype=np.int32)[None]  # one chunk: prefix 10..13, tar
 def test_continuation_formats():
   s = BYTE_SPECIAL
   lm, = readouts.continuation_examples(CHUNK, readouts.ReadoutFormat(format="lm"), s)
-  feats, weights = readouts.example_features(lm, "decoder", "lm", eos_id=1)
+  feats, weights = scoring.request_features(lm, "decoder", "lm", eos_id=1)
   np.testing.assert_array_equal(feats["decoder_target_tokens"], np.arange(10, 18))
   np.testing.assert_array_equal(feats["decoder_input_tokens"], [0, *range(10, 17)])
   np.testing.assert_array_equal(weights, [0, 0, 0, 0, 1, 1, 1, 1])
 
   ul2, = readouts.continuation_examples(
       CHUNK, grid.OBJECTIVES["ul2"].readout, s)
-  feats, weights = readouts.example_features(ul2, "decoder", "seq2seq", eos_id=1)
+  feats, weights = scoring.request_features(ul2, "decoder", "seq2seq", eos_id=1)
   np.testing.assert_array_equal(feats["decoder_target_tokens"],
                                 [s.s2s, 10, 11, 12, 13, 1, 14, 15, 16, 17, 1])
   np.testing.assert_array_equal(weights, [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0])
@@ -303,7 +305,7 @@ def test_continuation_formats():
 
   span, = readouts.continuation_examples(CHUNK, grid.OBJECTIVES["span_corruption"].readout, s)
   s0 = s.vocab_size - 1
-  feats, weights = readouts.example_features(span, "encoder_decoder", "seq2seq", eos_id=1)
+  feats, weights = scoring.request_features(span, "encoder_decoder", "seq2seq", eos_id=1)
   np.testing.assert_array_equal(feats["encoder_input_tokens"], [10, 11, 12, 13, s0, 1])
   np.testing.assert_array_equal(feats["decoder_target_tokens"], [s0, 14, 15, 16, 17, 1])
   np.testing.assert_array_equal(feats["decoder_input_tokens"], [0, s0, 14, 15, 16, 17])
@@ -315,22 +317,22 @@ def test_infill_examples_hide_exactly_the_noise_tokens():
   ul2_fmt = grid.OBJECTIVES["ul2"].readout
   example, = readouts.infill_examples(chunk, ul2_fmt, BYTE_SPECIAL, seed=5)
   again, = readouts.infill_examples(chunk, ul2_fmt, BYTE_SPECIAL, seed=5)
-  np.testing.assert_array_equal(example.targets, again.targets)  # a fixed seed
-  assert example.inputs[0] == BYTE_SPECIAL.nlu
+  np.testing.assert_array_equal(example.continuation, again.continuation)  # a fixed seed
+  assert example.context[0] == BYTE_SPECIAL.nlu
   # Oracle: replacing each sentinel of the inputs by its span restores the chunk.
   spans, current = {}, None
-  for token in example.targets:
+  for token in example.continuation:
     if token in BYTE_SPECIAL.sentinel_ids:
       current = int(token)
       spans[current] = []
     else:
       spans[current].append(int(token))
   restored = []
-  for token in example.inputs[1:]:
+  for token in example.context[1:]:
     restored.extend(spans[int(token)] if int(token) in spans else [int(token)])
   np.testing.assert_array_equal(restored, chunk[0])
   assert example.scored.sum() == round(0.15 * 40)  # T5's noise count: scored = noise tokens
-  np.testing.assert_array_equal(example.scored, ~np.isin(example.targets,
+  np.testing.assert_array_equal(example.scored, ~np.isin(example.continuation,
                                                          BYTE_SPECIAL.sentinel_ids))
 
 
@@ -339,13 +341,19 @@ def test_mean_nll_weights_only_scored_targets():
       np.stack([np.arange(10, 18), np.arange(20, 28)]).astype(np.int32),
       readouts.ReadoutFormat(), BYTE_SPECIAL)
 
-  def fake_nll(params, batch):  # the "NLL" of a target is its token id
-    return batch["decoder_target_tokens"].astype(np.float32)
+  class FakeScorer:  # the "log-likelihood" of a scored token is minus its id
+    truncated, lengths = 0, {"decoder": 12}
 
-  # Scored targets: 14..17 and 24..27 (not eos, not the inputs); a padding row adds nothing.
-  value = readouts.mean_nll(fake_nll, None, examples, "decoder", "seq2seq", {"decoder": 12},
-                            3, eos_id=1)
+    def score(self, requests):
+      return [scoring.Score(-float(r.continuation[r.scored].sum()), False,
+                            int(r.scored.sum())) for r in requests]
+
+  # Scored targets: 14..17 and 24..27 (the targets, not the inputs).
+  value = readouts.mean_nll(FakeScorer(), examples)
   assert value == pytest.approx(np.mean([14, 15, 16, 17, 24, 25, 26, 27]))
+  FakeScorer.truncated = 1
+  with pytest.raises(ValueError, match="do not fit the rows"):
+    readouts.mean_nll(FakeScorer(), examples)
 
 
 def test_function_name_pairs_from_source():
@@ -375,8 +383,8 @@ def twice():
 
 
 def test_generation_prompts_pad_left_for_decoders_right_for_encoders():
-  examples = [readouts.Example(np.int32([5, 6]), np.int32([7]), np.ones(1, bool)),
-              readouts.Example(np.int32([8]), np.int32([9]), np.ones(1, bool))]
+  examples = [scoring.Request(np.int32([5, 6]), np.int32([7]), np.ones(1, bool)),
+              scoring.Request(np.int32([8]), np.int32([9]), np.ones(1, bool))]
   np.testing.assert_array_equal(
       readouts.generation_prompts(examples, "decoder", eos_id=1, length=4),
       [[0, 5, 6, 1], [0, 0, 8, 1]])

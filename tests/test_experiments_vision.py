@@ -23,8 +23,6 @@ CONFIG = str(ROOT / "experiments" / "configs" / "vision.py")
 
 vision = _helpers.load_script("experiments/vision.py", "experiments_vision")
 cost = _helpers.load_script("experiments/attention_cost.py", "experiments_attention_cost")
-pytestmark = pytest.mark.usefixtures("fast_compile")
-
 
 # ─── MAE -> ViT ──────────────────────────────────────────────────────────────────────────────
 

@@ -18,7 +18,6 @@ import time
 import jax
 import numpy as np
 import portpicker
-import pytest
 
 import _helpers
 
