@@ -10,6 +10,7 @@ compiles once per model shape and optimizer, for every cell and seed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import time
@@ -61,8 +62,8 @@ class Context:
     files = _spread(range(len(self.train_source)), int(ft.train_files) or len(self.train_source))
     self.naming_train = readouts.function_name_pairs([self.train_source[i] for i in files],
                                                      **sizes)
-    if not self.naming_eval or not self.naming_train:
-      raise ValueError(f"data.source={data.source!r} yields no Python functions for (c)")
+    # A corpus without Python functions (prose, another language) skips readout (c).
+    self.has_naming = bool(self.naming_eval and self.naming_train)
 
 
 def optimizer_config(section: ml_collections.ConfigDict, steps: int) -> train_lib.OptimizerConfig:
@@ -185,6 +186,9 @@ def name_generation(cell: grid.Cell, params, ctx: Context) -> dict[str, float]:
   return score_names(predictions, [name for _, name in ctx.naming_eval])
 
 
+NAMING_COLUMNS = ("exact_match", "name_chrf", "name_rouge_l", "name_bleu")
+
+
 def score_names(predictions: list[str], references: list[str]) -> dict[str, float]:
   """Exact match (0-1), chrF (0-100), ROUGE-L F1 (0-1) and word BLEU (0-100) of names."""
   return {
@@ -200,7 +204,8 @@ def score_names(predictions: list[str], references: list[str]) -> dict[str, floa
 def run_cell(cell: grid.Cell, seed: int, ctx: Context, scratch: str) -> dict:
   """Pretrain, score (a) and (b), fine-tune, score (c): one row of results.csv.
 
-  The trainings' work directories are `scratch/pretrain` and `scratch/finetune`: a cell rerun
+  (c) needs Python functions in the corpus; without them its columns are NaN. The trainings'
+  work directories are `scratch/pretrain` and `scratch/finetune`: a cell rerun
   after a kill resumes there and gives the same row (but for the wall times).
   """
   config, special = ctx.config, ctx.special
@@ -225,11 +230,13 @@ def run_cell(cell: grid.Cell, seed: int, ctx: Context, scratch: str) -> dict:
   # The literal T5 reading, sentinels scored too (eos still not): a format-knowledge check.
   infill_all = score([dataclasses.replace(e, scored=np.ones_like(e.scored))
                       for e in infill_examples], fmt.format, lengths, params)
-  tuned = runs.host_params(finetune(cell, seed, params, ctx,
-                                    os.path.join(scratch, "finetune")).state.params)
-  # The readout rows hold every fine-tuning example too; one shape, one compilation.
-  name_nll = score(_naming_examples(ctx, cell, ctx.naming_eval), "seq2seq", lengths, tuned)
-  generated = name_generation(cell, tuned, ctx)
+  name_nll, generated = math.nan, dict.fromkeys(NAMING_COLUMNS, math.nan)
+  if ctx.has_naming:
+    tuned = runs.host_params(finetune(cell, seed, params, ctx,
+                                      os.path.join(scratch, "finetune")).state.params)
+    # The readout rows hold every fine-tuning example too; one shape, one compilation.
+    name_nll = score(_naming_examples(ctx, cell, ctx.naming_eval), "seq2seq", lengths, tuned)
+    generated = name_generation(cell, tuned, ctx)
   lengths_total = sum(cell.lengths_dict.values())
   return {
       "architecture": cell.architecture, "objective": cell.objective, "seed": seed,
@@ -239,7 +246,7 @@ def run_cell(cell: grid.Cell, seed: int, ctx: Context, scratch: str) -> dict:
       "train_steps": int(config.train.steps), "final_train_loss": pretrained.final_loss(),
       "continuation_nll": continuation, "infill_nll": infill,
       "infill_nll_with_sentinels": infill_all, "name_nll": name_nll,
-      **generated, "naming_eval_functions": len(ctx.naming_eval),
+      **generated, "naming_eval_functions": len(ctx.naming_eval) if ctx.has_naming else 0,
       "pretrain_seconds": pretrain_seconds,
       "cell_seconds": time.perf_counter() - start,
   }

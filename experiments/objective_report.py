@@ -75,6 +75,8 @@ def best_cells(summary: Sequence[Mapping[str, Any]]) -> dict[str, set[int]]:
 
 
 def _fmt(mean: float, std: float, column: str) -> str:
+  if not math.isfinite(mean):
+    return "—"  # a readout this corpus cannot give (module doc of objective_cells.run_cell)
   if column == "exact_match":
     return f"{100 * mean:.1f} ± {100 * std:.1f}"
   if column == "name_chrf":  # already 0-100

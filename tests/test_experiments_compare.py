@@ -199,6 +199,37 @@ def test_a_cell_killed_mid_pretraining_resumes_to_the_same_row(smoke_run, tmp_pa
     assert got[field] == want[field], field
 
 
+_WORDS = ("the river keeps a quiet garden near the old harbor while morning light "
+          "moves over silver hills and children carry bright yellow kites toward the "
+          "forest where thunder rolls softly beyond the castle walls").split()
+
+
+def test_the_grid_runs_on_a_plain_english_corpus_and_skips_naming(smoke_run, tmp_path):
+  del smoke_run  # compiles the smoke models first; this run reuses them
+  rng = np.random.default_rng(0)
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for i in range(24):
+    sentences = [" ".join(rng.choice(_WORDS, 12)).capitalize() + "." for _ in range(20)]
+    (corpus / f"doc{i}.txt").write_text(" ".join(sentences) + "\n")
+  config = smoke_config("--config.readouts.num_sequences=5")
+  config.data.source = "text"
+  config.data.source_kwargs = ml_collections.ConfigDict(
+      {"pattern": str(corpus / "*.txt"), "validation_fraction": 0.25})
+  summary = compare_objectives.run(config, str(tmp_path / "out"), spec="english",
+                                   scratch=str(tmp_path / "scratch"))
+  assert len(summary) == len(grid.grid_names(config))
+  with open(tmp_path / "out" / "smoke" / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  for row in rows:
+    assert 0.5 < float(row["continuation_nll"]) < 9.0 and 0.5 < float(row["infill_nll"]) < 9.0
+    for column in ("exact_match", "name_chrf", "name_nll", "name_bleu"):
+      assert row[column] == "nan", (column, row[column])
+  text = (tmp_path / "out" / "smoke" / "results.md").read_text()
+  assert "(c) skipped: the text corpus yields no Python functions" in text
+  assert "| — |" in text and "nan" not in text
+
+
 # ─── Bad input: clear errors before any training ────────────────────────────────────────────
 
 
