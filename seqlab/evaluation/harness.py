@@ -83,8 +83,7 @@ class LanguageModel:
 
   @property
   def architecture(self) -> str:
-    return "encoder_decoder" if type(self.model_cfg).__name__ == "EncoderDecoderConfig" \
-        else "decoder"
+    return scoring.architecture_of(self.model_cfg)
 
   @property
   def mode_id(self) -> int | None:

@@ -67,6 +67,16 @@ def _tokens(value: Any, name: str) -> np.ndarray:
   return arr
 
 
+def architecture_of(model_cfg) -> str:
+  """"decoder" or "encoder_decoder" (`seqlab.loop.architecture_of`); ValueError otherwise."""
+  from seqlab import loop  # pylint: disable=g-import-not-at-top
+  architecture = loop.architecture_of(model_cfg)
+  if architecture not in ARCHITECTURES:
+    raise ValueError(f"model config {type(model_cfg).__name__} cannot score continuations; "
+                     "a decoder or an encoder-decoder can")
+  return architecture
+
+
 def _check(fmt: str, architecture: str) -> None:
   if fmt not in FORMATS:
     raise ValueError(f"format={fmt!r} is not one of {FORMATS}")
@@ -180,11 +190,7 @@ class Scorer:
   def __init__(self, model_cfg, params, *, fmt: str, lengths: Mapping[str, int],
                eos_id: int = 1, mode_id: int | None = None, batch_size: int = 8,
                pack: bool = True):
-    architecture = "encoder_decoder" if type(model_cfg).__name__ in (
-        "EncoderDecoderConfig",) else "decoder"
-    if type(model_cfg).__name__ not in ("DecoderConfig", "EncoderDecoderConfig"):
-      raise ValueError(f"model config {type(model_cfg).__name__} cannot score continuations; "
-                       "a decoder or an encoder-decoder can")
+    architecture = architecture_of(model_cfg)
     _check(fmt, architecture)
     want = features_lib.STREAMS[architecture]
     if set(lengths) != set(want):
