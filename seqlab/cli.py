@@ -4,11 +4,15 @@
   seqlab eval     --workdir DIR [--split validation] [--batches N]
   seqlab generate --workdir DIR --prompt "def " [--max-new-tokens 64]
                   [--strategy greedy|sample|beam]
+  seqlab zero-shot --workdir DIR [--tasks heldout|train|all|NAME,...] [--shots 0,2] [--limit N]
   seqlab lm-eval  --workdir DIR --tasks TASK[,TASK...] [--num-fewshot K] [--include-path DIR]
                   [--no-default-tasks] [--limit N] [--batch-size B] [--mode auto|none|s2s|...]
 
 `train` resumes when DIR already holds checkpoints of the same model; `eval` and `generate`
-read the config saved in DIR and restore its newest readable checkpoint; `lm-eval` scores that
+read the config saved in DIR and restore its newest readable checkpoint; `zero-shot` scores that
+checkpoint on the built-in task suite derived from the corpus it was trained on (held-out
+split; few-shot examples from the train split), one JSON line per task and number of shots
+plus a "mean" line; `lm-eval` scores that
 checkpoint with EleutherAI's lm-evaluation-harness (`pip install 'seqlab[eval]'`; model type
 `seqlab`, see seqlab/evaluation/lm_eval_model.py), one JSON line per task. Each prints one JSON
 line per result on stdout and nothing else (whatever a library or the distributed runtime
@@ -52,6 +56,16 @@ def _parse(argv):
   ge.add_argument("--top-p", type=float, default=None)
   ge.add_argument("--num-beams", type=int, default=4)
   ge.add_argument("--seed", type=int, default=0)
+  zs = sub.add_parser("zero-shot", help="the built-in task suite on the newest checkpoint")
+  zs.add_argument("--workdir", required=True)
+  zs.add_argument("--tasks", default="heldout",
+                  help="heldout, train, all, or comma-separated suite task names")
+  zs.add_argument("--shots", default="0", help="comma-separated numbers of shots")
+  zs.add_argument("--limit", type=int, default=None, help="examples per task")
+  zs.add_argument("--max-documents", type=int, default=400,
+                  help="corpus documents read per split to build the suite")
+  zs.add_argument("--batch-size", type=int, default=8)
+  zs.add_argument("--seed", type=int, default=1234)
   le = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on the newest checkpoint")
   le.add_argument("--workdir", required=True)
   le.add_argument("--tasks", required=True, help="comma-separated lm-evaluation-harness tasks")
@@ -152,6 +166,43 @@ def cmd_generate(args) -> int:
   return 0
 
 
+def _int_list(flag: str, text: str) -> list[int]:
+  try:
+    values = [int(v) for v in text.split(",") if v.strip()]
+  except ValueError:
+    raise ValueError(f"{flag}={text!r} is not a comma-separated list of integers") from None
+  if not values or min(values) < 0:
+    raise ValueError(f"{flag}={text!r} needs one or more integers >= 0")
+  return values
+
+
+def cmd_zero_shot(args) -> int:
+  from seqlab import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  from seqlab.evaluation import harness  # pylint: disable=g-import-not-at-top
+  shots = _int_list("--shots", args.shots)
+  for flag, value in (("--limit", args.limit), ("--max-documents", args.max_documents),
+                      ("--batch-size", args.batch_size)):
+    if value is not None and value < 1:
+      raise ValueError(f"{flag}={value} must be >= 1")
+  config = _saved_config(args.workdir)
+  model = harness.LanguageModel.from_workdir(args.workdir)
+  suite = tasks_lib.register_suite(config.data.source, dict(config.data.get("source_kwargs", {})
+                                                            or {}),
+                                   max_documents=args.max_documents)
+  groups = {"heldout": suite["heldout"], "train": suite["train"],
+            "all": suite["train"] + suite["heldout"]}
+  names = groups.get(args.tasks) or [t.strip() for t in args.tasks.split(",") if t.strip()]
+  known = suite["train"] + suite["heldout"]
+  unknown = [n for n in names if n not in known]
+  if unknown or not names:
+    raise ValueError(f"--tasks={args.tasks!r}: not in this corpus's suite: {unknown or names}; "
+                     f"known: heldout, train, all, {', '.join(known)}")
+  for row in harness.evaluate_tasks(model, names, shots=shots, limit=args.limit,
+                                    seed=args.seed, batch_size=args.batch_size):
+    _emit({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()})
+  return 0
+
+
 def cmd_lm_eval(args) -> int:
   tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
   if not tasks:
@@ -236,6 +287,8 @@ def main(argv=None) -> int:
       return cmd_eval(args)
     if args.command == "lm-eval":
       return cmd_lm_eval(args)
+    if args.command == "zero-shot":
+      return cmd_zero_shot(args)
     return cmd_generate(args)
   except (ValueError, FloatingPointError) as e:  # bad input: a message, not a traceback
     print(f"seqlab {args.command}: error: {_one_line(e)}", file=sys.stderr)

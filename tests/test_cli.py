@@ -511,6 +511,45 @@ def test_lm_eval_of_a_workdir_agrees_with_rank_classification(run_a, tmp_path, c
                    "no_such_task")
 
 
+def test_zero_shot_scores_the_training_corpus_suite(run_a, capsys):
+  from seqlab import tasks  # pylint: disable=g-import-not-at-top
+  from seqlab.evaluation import harness  # pylint: disable=g-import-not-at-top
+  workdir = str(run_a[0])
+  assert cli.main(["zero-shot", "--workdir", workdir, "--tasks", "builtin/returns,builtin/cloze",
+                   "--shots", "0,1", "--limit", "6", "--max-documents", "30"]) == 0
+  lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+  assert [(x["task"], x["shots"]) for x in lines] == [
+      ("builtin/returns", 0), ("builtin/cloze", 0), ("mean", 0),
+      ("builtin/returns", 1), ("builtin/cloze", 1), ("mean", 1)]
+  model = harness.LanguageModel.from_workdir(workdir)
+  for line in lines:
+    if line["task"] == "mean":
+      mine = [x for x in lines if x["shots"] == line["shots"] and x["task"] != "mean"]
+      assert line["acc"] == pytest.approx(np.mean([x["acc"] for x in mine]), abs=1e-6)
+      assert line["chance"] == pytest.approx(np.mean([x["chance"] for x in mine]), abs=1e-6)
+      continue
+    task = tasks.get(line["task"])  # the suite the command registered from tiny.py's corpus
+    want = harness.rank_classification(model, task.examples("validation")[:6],
+                                       num_shots=line["shots"],
+                                       fewshot_pool=task.examples("train"), seed=1234)
+    assert line["n"] == 6 and line["acc"] == pytest.approx(want["acc"], abs=1e-6)
+    assert line["chance"] == pytest.approx(want["chance"], abs=1e-6)
+  assert lines[0]["chance"] == 0.5 and lines[1]["chance"] == 0.25
+
+
+ZERO_SHOT_CASES = [
+    (["--shots", "x"], "--shots='x'"),
+    (["--shots", "-1"], "--shots='-1'"),
+    (["--limit", "0"], "--limit=0"),
+    (["--tasks", "builtin/nope", "--max-documents", "30"], "builtin/nope"),
+]
+
+
+@pytest.mark.parametrize("argv,expected", ZERO_SHOT_CASES, ids=[c[1] for c in ZERO_SHOT_CASES])
+def test_bad_zero_shot_input_exits_2_with_one_line(run_a, capsys, argv, expected):
+  _one_line_exit_2(capsys, ["zero-shot", "--workdir", str(run_a[0]), *argv], expected)
+
+
 LM_EVAL_CASES = [
     (["--tasks", ","], "names no task"),
     (["--tasks", "x", "--num-fewshot", "-1"], "--num-fewshot=-1"),

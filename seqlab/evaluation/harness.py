@@ -278,3 +278,40 @@ def generation(model: LanguageModel, examples: Sequence[Mapping[str, Any]], *,
                                batch_size=batch_size)
   return {**score_generations(predictions, [e["targets"] for e in examples], metrics),
           "n": float(len(examples))}
+
+
+def evaluate_tasks(model: LanguageModel, names: Sequence[str], *, shots: Sequence[int] = (0,),
+                   limit: int | None = None, seed: int = 1234, batch_size: int = 8,
+                   max_new_tokens: int | None = None) -> list[dict[str, Any]]:
+  """Registered tasks (`seqlab.tasks`) scored on their validation split, shots from train.
+
+  One row per (task, number of shots): the task's metrics (rank classification for a choice
+  task, `generation` for a generation task) with "task", "shots"; then per number of shots a
+  row with task "mean" averaging acc and chance over the choice tasks. `limit` keeps the first
+  examples of each validation split.
+  """
+  from seqlab import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  rows = []
+  for k in shots:
+    mine = []
+    for name in names:
+      task = tasks_lib.get(name)
+      examples = task.examples("validation")[:limit]
+      common = dict(num_shots=k, fewshot_pool=task.examples("train"), seed=seed,
+                    description=task.description, batch_size=batch_size,
+                    target_delimiter=task.target_delimiter)
+      if task.kind == "choice":
+        values = rank_classification(model, examples, **common)
+      else:
+        values = generation(model, examples, max_new_tokens=max_new_tokens or
+                            task.max_new_tokens, **common)
+      mine.append({"task": name, "shots": k, **values})
+    choice = [r for r in mine if "acc" in r]
+    rows.extend(mine)
+    if choice:
+      rows.append({"task": "mean", "shots": k,
+                   "acc": float(np.mean([r["acc"] for r in choice])),
+                   "acc_norm": float(np.mean([r["acc_norm"] for r in choice])),
+                   "chance": float(np.mean([r["chance"] for r in choice])),
+                   "tasks": float(len(choice))})
+  return rows
