@@ -16,10 +16,10 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadgroup tests
+	$(PY) -m pytest -q -n auto --maxprocesses=4 tests
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadgroup -m "" tests
+	$(PY) -m pytest -q -n auto --maxprocesses=4 -m "" tests
 
 reproduce: $(STAMP)
 	$(PY) experiments/compare_objectives.py --config experiments/configs/compare_objectives.py:quick --workdir results/compare_objectives

@@ -30,9 +30,6 @@ from seqlab import checkpoint, cli, loop
 DROPOUT = "--config.model.overrides.dropout_rate=0.1"
 A_CACHE = "run_a_cache"  # A's own, empty when it starts: A pays for every compile
 
-# Module fixtures (and references shared between tests) run once: one xdist process.
-pytestmark = pytest.mark.xdist_group("cli")
-
 
 def _train_args(workdir, *extra):
   return ["-m", "seqlab", "train", "--config", _helpers.TINY, "--workdir", str(workdir),

@@ -30,9 +30,6 @@ from seqlab.data import tokenizers  # pylint: disable=g-import-not-at-top,wrong-
 CONFIG = os.path.join(ROOT, "experiments", "configs", "compare_objectives.py")
 BYTE_SPECIAL = tokenizers.ByteTokenizer().special_ids
 
-# Module fixtures (and references shared between tests) run once: one xdist process.
-pytestmark = pytest.mark.xdist_group("compare")
-
 
 def smoke_config(*overrides):
   return config_lib.apply_overrides(config_lib.load_config(CONFIG + ":smoke"), overrides)

@@ -18,14 +18,10 @@ import time
 import jax
 import numpy as np
 import portpicker
-import pytest
 
 import _helpers
 
 _helpers.start_multidevice()  # the single-process reference; runs in the background
-
-# The preemption test reuses the first test's run as its reference: one xdist process.
-pytestmark = pytest.mark.xdist_group("multihost")
 
 
 def _free_slurm_port() -> int:
