@@ -23,13 +23,13 @@ import experiment_runs as runs
 import objective_grid as grid
 import objective_readouts as readouts
 
-from seqlab import decoding, models, trainer
+from seqlab import models, trainer
 from seqlab import metrics as metrics_lib
 from seqlab import features as features_lib
 from seqlab import train as train_lib
 from seqlab.data import pipeline as pipeline_lib
 from seqlab.data import sources as sources_lib
-from seqlab.evaluation import scoring
+from seqlab.evaluation import harness, scoring
 
 # ─── Runtime context: the data every cell shares ─────────────────────────────────────────────
 
@@ -169,20 +169,12 @@ def name_generation(cell: grid.Cell, params, ctx: Context) -> dict[str, float]:
   """
   ft = ctx.config.finetune
   examples = _naming_examples(ctx, cell, ctx.naming_eval)
-  prompts = readouts.generation_prompts(examples, cell.streams, eos_id=ctx.special.eos,
-                                        length=int(ft.max_body_bytes) + 2)
-  model = cell.model_config.build()
-  batch_size = int(ft.decode_batch_size)
-  predictions = []
-  for start in range(0, len(prompts), batch_size):
-    block = prompts[start:start + batch_size]
-    real = block.shape[0]
-    if real < batch_size:  # repeat a row: one shape, one compilation
-      block = np.concatenate([block, np.repeat(block[:1], batch_size - real, axis=0)])
-    out = decoding.generate(model, params, block, max_new_tokens=int(ft.max_name_bytes) + 1,
-                            strategy="greedy", eos_id=ctx.special.eos)
-    tokens = np.asarray(out.tokens)[:real]
-    predictions.extend(ctx.tokenizer.decode(row) for row in tokens)
+  tokens = harness.generate_ids(
+      cell.model_config, params,
+      [np.concatenate([e.context, np.int32([ctx.special.eos])]) for e in examples],
+      max_new_tokens=int(ft.max_name_bytes) + 1, eos_id=ctx.special.eos,
+      batch_size=int(ft.decode_batch_size), width=int(ft.max_body_bytes) + 2)
+  predictions = [ctx.tokenizer.decode(row) for row in tokens]
   return score_names(predictions, [name for _, name in ctx.naming_eval])
 
 

@@ -204,19 +204,3 @@ def mean_nll(scorer: scoring.Scorer, examples: Sequence[scoring.Request]) -> flo
   if count == 0:
     raise ValueError("no scored tokens in the readout")
   return -sum(s.logprob for s in scores) / count
-
-
-def generation_prompts(examples: Sequence[scoring.Request], architecture: str, *, eos_id: int,
-                       length: int) -> np.ndarray:
-  """int32 [N, length] prompts for `seqlab.decoding.generate`: decoder-only rows are the
-  inputs ‖ eos LEFT-padded (generate prepends the start id), encoder rows RIGHT-padded."""
-  out = np.zeros((len(examples), length), np.int32)
-  for i, example in enumerate(examples):
-    row = np.concatenate([example.context, np.int32([eos_id])])
-    if row.size > length:
-      raise ValueError(f"a prompt of length {row.size} exceeds {length}")
-    if architecture == "decoder":
-      out[i, length - row.size:] = row
-    else:
-      out[i, :row.size] = row
-  return out

@@ -80,15 +80,6 @@ def _parse(argv):
   return parser.parse_known_args(argv)
 
 
-def _saved_config(workdir: str):
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from seqlab import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  path = workdir_lib.join(workdir, "config.json")
-  if not workdir_lib.isfile(path):
-    raise ValueError(f"workdir={workdir!r} has no config.json; run `seqlab train` first")
-  return ml_collections.ConfigDict(json.loads(workdir_lib.read_text(path)))
-
-
 _RESULTS = None  # where the JSON lines go: the real stdout once `main` has taken it
 
 
@@ -121,7 +112,7 @@ def cmd_eval(args) -> int:
   from seqlab import loop, parallel  # pylint: disable=g-import-not-at-top
   if args.batches is not None and args.batches < 1:
     raise ValueError(f"--batches={args.batches} must be >= 1")
-  config = _saved_config(args.workdir)
+  config = loop.saved_config(args.workdir)
   experiment, params, step = loop.restore_params(config, args.workdir)
   mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
   values = loop.evaluate(params, experiment, config, mesh, loop.make_eval_fn(experiment),
@@ -150,7 +141,7 @@ def cmd_generate(args) -> int:
     except UnicodeEncodeError as e:
       raise ValueError(f"--prompt={prompt!r} is not valid text ({e.reason} at position "
                        f"{e.start})") from None
-  config = _saved_config(args.workdir)
+  config = loop.saved_config(args.workdir)
   experiment, params, step = loop.restore_params(config, args.workdir)
   if experiment.architecture not in ("decoder", "encoder_decoder"):
     raise ValueError(f"seqlab generate needs a decoder or encoder-decoder; workdir="
@@ -177,6 +168,7 @@ def _int_list(flag: str, text: str) -> list[int]:
 
 
 def cmd_zero_shot(args) -> int:
+  from seqlab import loop  # pylint: disable=g-import-not-at-top
   from seqlab import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   from seqlab.evaluation import harness  # pylint: disable=g-import-not-at-top
   shots = _int_list("--shots", args.shots)
@@ -184,8 +176,8 @@ def cmd_zero_shot(args) -> int:
                       ("--batch-size", args.batch_size)):
     if value is not None and value < 1:
       raise ValueError(f"{flag}={value} must be >= 1")
-  config = _saved_config(args.workdir)
-  model = harness.LanguageModel.from_workdir(args.workdir)
+  config = loop.saved_config(args.workdir)
+  model = harness.LanguageModel.from_workdir(args.workdir, config=config)
   suite = tasks_lib.register_suite(config.data.source, dict(config.data.get("source_kwargs", {})
                                                             or {}),
                                    max_documents=args.max_documents)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 from typing import Any, Callable
 
@@ -369,6 +370,14 @@ def last_values(history: list[dict[str, float]]) -> dict[str, float]:
     out.update({k: v for k, v in entry.items() if k != "step" and not (
         isinstance(v, float) and math.isnan(v))})
   return out
+
+
+def saved_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a `seqlab train` run saved in `workdir` (its `config.json`)."""
+  path = workdir_lib.join(workdir, "config.json")
+  if not workdir_lib.isfile(path):
+    raise ValueError(f"workdir={workdir!r} has no config.json; run `seqlab train` first")
+  return ml_collections.ConfigDict(json.loads(workdir_lib.read_text(path)))
 
 
 def restore_params(config: ml_collections.ConfigDict, workdir: str):

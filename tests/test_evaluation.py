@@ -214,3 +214,13 @@ def test_generation_is_greedy_decoding_cut_at_the_stop_string_and_scored():
   want = harness.score_generations(predictions, ["y", "z"])
   assert got == {**want, "n": 2.0}
   assert harness.cut_at("abc\n\ndef", ["\n\n", "c"]) == "ab"
+
+
+def test_prompt_batch_pads_left_for_decoders_right_for_encoders():
+  rows = [np.int32([5, 6, 1]), np.int32([8, 1])]
+  np.testing.assert_array_equal(harness.prompt_batch(rows, "decoder", 4),
+                                [[0, 5, 6, 1], [0, 0, 8, 1]])
+  np.testing.assert_array_equal(harness.prompt_batch(rows, "encoder_decoder", 4),
+                                [[5, 6, 1, 0], [8, 1, 0, 0]])
+  with pytest.raises(ValueError, match="width=2"):
+    harness.prompt_batch(rows, "decoder", 2)

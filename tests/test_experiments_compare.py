@@ -413,17 +413,6 @@ def twice():
   assert pairs == [('"""Doc."""\nreturn se', "value"), ("return 2", "twice")]
 
 
-def test_generation_prompts_pad_left_for_decoders_right_for_encoders():
-  examples = [scoring.Request(np.int32([5, 6]), np.int32([7]), np.ones(1, bool)),
-              scoring.Request(np.int32([8]), np.int32([9]), np.ones(1, bool))]
-  np.testing.assert_array_equal(
-      readouts.generation_prompts(examples, "decoder", eos_id=1, length=4),
-      [[0, 5, 6, 1], [0, 0, 8, 1]])
-  np.testing.assert_array_equal(
-      readouts.generation_prompts(examples, "encoder_decoder", eos_id=1, length=4),
-      [[5, 6, 1, 0], [8, 1, 0, 0]])
-
-
 def test_heldout_chunks_stay_inside_documents_and_spread_out():
   class Source(list):
     pass

@@ -24,7 +24,6 @@ Generation tasks decode greedily and are scored with `seqlab.metrics`.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -33,6 +32,7 @@ import numpy as np
 from seqlab import decoding
 from seqlab import metrics as metrics_lib
 from seqlab.evaluation import scoring
+from seqlab.tasks import registry
 
 TARGET_DELIMITER = " "
 FEWSHOT_DELIMITER = "\n\n"
@@ -53,21 +53,18 @@ class LanguageModel:
   mode: str | None = None
 
   @classmethod
-  def from_workdir(cls, workdir: str, *, mode: str | None = "auto",
-                   fmt: str | None = None) -> "LanguageModel":
+  def from_workdir(cls, workdir: str, *, mode: str | None = "auto", fmt: str | None = None,
+                   config=None) -> "LanguageModel":
     """The newest readable checkpoint of a `seqlab train` work directory, on one device.
 
     The format follows the objective the model was trained with ("lm" for a decoder trained
     as a full LM, "seq2seq" otherwise); `mode="auto"` uses "s2s" for a model trained on the
-    UL2 mixture and no mode token otherwise (None: none).
+    UL2 mixture and no mode token otherwise (None: none). `config`: the run's saved config
+    when the caller has already read it.
     """
-    import ml_collections  # pylint: disable=g-import-not-at-top
     from seqlab import loop  # pylint: disable=g-import-not-at-top
-    from seqlab import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-    path = workdir_lib.join(workdir, "config.json")
-    if not workdir_lib.isfile(path):
-      raise ValueError(f"workdir={workdir!r} has no config.json; run `seqlab train` first")
-    config = ml_collections.ConfigDict(json.loads(workdir_lib.read_text(path)))
+    if config is None:
+      config = loop.saved_config(workdir)
     experiment, params, _ = loop.restore_params(config, workdir)
     if experiment.architecture not in ("decoder", "encoder_decoder"):
       raise ValueError(f"workdir={workdir!r} holds a {experiment.architecture} model; "
@@ -107,7 +104,6 @@ class LanguageModel:
   def generate(self, prompts: Sequence[str], *, max_new_tokens: int,
                until: Sequence[str] = (), batch_size: int = 8) -> list[str]:
     """Greedy continuations of `prompts`, cut before the first of `until` (and at eos)."""
-    model = self.model_cfg.build()
     special = self.tokenizer.special_ids
     rows = []
     for prompt in prompts:
@@ -124,23 +120,47 @@ class LanguageModel:
       raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
                        f"rows of {self.lengths}")
     rows = [r[-room:] for r in rows]
-    width = max((r.size for r in rows), default=1)
-    out = []
-    for start in range(0, len(rows), batch_size):
-      block = rows[start:start + batch_size]
-      real = len(block)
-      block = block + [block[0]] * (batch_size - real)  # one shape, one compilation
-      prompt = np.zeros((batch_size, width), np.int32)
-      for i, r in enumerate(block):
-        if self.architecture == "decoder":
-          prompt[i, width - r.size:] = r
-        else:
-          prompt[i, :r.size] = r
-      tokens = np.asarray(decoding.generate(
-          model, self.params, prompt, max_new_tokens=max_new_tokens, strategy="greedy",
-          eos_id=special.eos).tokens)[:real]
-      out.extend(self.tokenizer.decode(row) for row in tokens)
+    tokens = generate_ids(self.model_cfg, self.params, rows, max_new_tokens=max_new_tokens,
+                          eos_id=special.eos, batch_size=batch_size)
+    out = [self.tokenizer.decode(row) for row in tokens]
     return [cut_at(text, until) for text in out]
+
+
+def prompt_batch(rows: Sequence[np.ndarray], architecture: str, width: int) -> np.ndarray:
+  """int32 [len(rows), width] prompts for `seqlab.decoding.generate`: a decoder's rows
+  LEFT-padded (generation continues from the last column), an encoder's RIGHT-padded."""
+  out = np.zeros((len(rows), width), np.int32)
+  for i, row in enumerate(rows):
+    if row.size > width:
+      raise ValueError(f"a prompt of length {row.size} exceeds width={width}")
+    if architecture == "decoder":
+      out[i, width - row.size:] = row
+    else:
+      out[i, :row.size] = row
+  return out
+
+
+def generate_ids(model_cfg, params, rows: Sequence[np.ndarray], *, max_new_tokens: int,
+                 eos_id: int, batch_size: int = 8, width: int | None = None) -> np.ndarray:
+  """Greedy continuations (int32 [len(rows), max_new_tokens], eos-padded) of token rows.
+
+  Rows are padded to `width` (default: the longest row) by `prompt_batch` and decoded
+  `batch_size` at a time; a short last batch repeats its first row, so every batch has one
+  shape and one compilation.
+  """
+  model = model_cfg.build()
+  architecture = scoring.architecture_of(model_cfg)
+  prompts = prompt_batch(rows, architecture, width or max((r.size for r in rows), default=1))
+  out = []
+  for start in range(0, len(prompts), batch_size):
+    block = prompts[start:start + batch_size]
+    real = block.shape[0]
+    if real < batch_size:
+      block = np.concatenate([block, np.repeat(block[:1], batch_size - real, axis=0)])
+    out.append(np.asarray(decoding.generate(
+        model, params, block, max_new_tokens=max_new_tokens, strategy="greedy",
+        eos_id=eos_id).tokens)[:real])
+  return np.concatenate(out) if out else np.zeros((0, max_new_tokens), np.int32)
 
 
 def cut_at(text: str, until: Sequence[str]) -> str:
@@ -159,13 +179,11 @@ def cut_at(text: str, until: Sequence[str]) -> str:
 
 def answer(example: Mapping[str, Any]) -> str:
   """The gold continuation of an example (without the target delimiter)."""
-  if "choices" in example:
-    return example["choices"][int(example["label"])]
-  return example["targets"]
+  return registry.to_seq2seq(example)["targets"]
 
 
 def question(example: Mapping[str, Any]) -> str:
-  return example["prompt"] if "choices" in example else example["inputs"]
+  return registry.to_seq2seq(example)["inputs"]
 
 
 def fewshot_context(example: Mapping[str, Any], shots: Sequence[Mapping[str, Any]], *,
@@ -183,7 +201,7 @@ def draw_shots(pool: Sequence[Mapping[str, Any]], k: int, *, seed: int, index: i
     raise ValueError(f"num_shots={k} is negative")
   if k == 0:
     return []
-  candidates = [e for e in pool if e is not exclude and e != exclude]
+  candidates = [e for e in pool if e != exclude]
   if len(candidates) < k:
     raise ValueError(f"num_shots={k} but the few-shot split has {len(candidates)} examples")
   picks = np.random.default_rng([seed, index]).choice(len(candidates), k, replace=False)
