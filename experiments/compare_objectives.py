@@ -19,9 +19,14 @@ FLOPs per token are printed per cell and written to results.csv.
 Readouts (`objective_readouts.py`), identical for every cell up to its natural format: (a)
 continuation NLL and (b) span-infilling NLL (span tokens only, and all target tokens) on the
 held-out split, and (c) exact match and NLL of function names from their bodies after
-fine-tuning every pretrained cell for `finetune.steps` steps. Every readout example fits the
-rows its cell trained on (`objective_grid.plan` checks it): an encoder-decoder trained on
-64-token inputs is never scored on 100-token ones.
+fine-tuning every pretrained cell for `finetune.steps` steps; (d) zero- and few-shot
+rank-classification accuracy on the held-out task types of the corpus's built-in suite
+(`seqlab.tasks.register_suite`) and (e) the same zero-shot after multitask fine-tuning on its
+training types (T0's recipe at small scale). Readouts (a)-(c) fit the rows their cell trained on
+(`objective_grid.plan` checks it): an encoder-decoder trained on 64-token inputs is never scored
+on 100-token ones; a (d)/(e) prompt longer than a row loses its oldest tokens, as in
+lm-evaluation-harness. results.md gives 95% Student-t intervals over seeds for (d) and (e), the
+chance level, and for every readout which orderings are significant (Welch's t-test over seeds).
 
 Output in `<workdir>/<output.run_name>/`: results.csv (one row per cell and seed), results.md
 (mean ± std over seeds, best per column in bold), results.png (grouped bars), config.json, and
@@ -33,8 +38,7 @@ On several hosts run the same command on each (TPU_SETUP.md); process 0 writes t
 
 from __future__ import annotations
 
-import argparse
-import json
+import math
 import os
 import shutil
 import sys
@@ -45,13 +49,14 @@ import ml_collections
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling helper modules
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import experiment_runs as runs
 import objective_cells as cells_lib
 import objective_grid as grid
 import objective_report as report
 
-from seqlab import config as config_lib
-from seqlab import host_memory, loop, models
+from seqlab import models
 from seqlab.data import tokenizers as tokenizers_lib
+from seqlab.validation import check_int
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 # ─── The grid ────────────────────────────────────────────────────────────────────────────────
@@ -59,19 +64,6 @@ from seqlab.data import tokenizers as tokenizers_lib
 
 def cell_path(run_dir: str, cell: grid.Cell, seed: int) -> str:
   return os.path.join(run_dir, "cells", f"{cell.architecture}__{cell.objective}__seed{seed}.json")
-
-
-def load_finished(path: str, expected: str) -> dict | None:
-  """A finished cell's row, or None; ValueError if it was computed under another config."""
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    saved = json.load(f)
-  if saved.get("fingerprint") != expected:
-    raise ValueError(f"{path} was computed with a different config (fingerprint "
-                     f"{saved.get('fingerprint')} != {expected}); choose another "
-                     "--config.output.run_name or delete the old results")
-  return saved["row"]
 
 
 def describe(cells: list[grid.Cell], config: ml_collections.ConfigDict) -> str:
@@ -88,6 +80,11 @@ def describe(cells: list[grid.Cell], config: ml_collections.ConfigDict) -> str:
   return "\n".join(lines)
 
 
+def ctx_names(config: ml_collections.ConfigDict, group: str) -> list[str]:
+  """The suite's task types of `group` ("train" or "heldout") that the corpus yields."""
+  return [n.split("/")[-1] for n in cells_lib.suite_names(config)[group]]
+
+
 def notes(config: ml_collections.ConfigDict, rows: list[dict], spec: str) -> str:
   m, d = config.model, config.data
   total = sum(r["cell_seconds"] for r in rows)
@@ -100,6 +97,18 @@ def notes(config: ml_collections.ConfigDict, rows: list[dict], spec: str) -> str
   else:
     naming = f"""(c) skipped: the {d.source} corpus yields no Python functions to name
   (its columns show —)."""
+  if "zero_shot" in config and rows and math.isfinite(rows[0]["zero_shot_acc"]):
+    zs = config.zero_shot
+    suite = f"""(d) rank-classification accuracy on the held-out task types of the corpus's
+  built-in suite (`seqlab.tasks.register_suite`: {', '.join(ctx_names(config, 'heldout'))}),
+  {zs.limit} validation examples each, zero-shot and with {zs.shots} in-context examples; (e)
+  the same zero-shot after {zs.multitask_steps} steps (batch {zs.multitask_batch_size}) of
+  multitask fine-tuning on the training types ({', '.join(ctx_names(config, 'train'))}).
+  A prompt longer than the cell's {d.seq_length}-token rows loses its oldest tokens."""
+  else:
+    why = ("the config has no zero_shot section" if "zero_shot" not in config
+           else f"the {d.source} corpus yields no task suite")
+    suite = f"(d) and (e) skipped: {why} (their columns show —)."
   return f"""
 Generated by `python experiments/compare_objectives.py --config {spec} --workdir <dir>`
 (config.json holds the exact config).
@@ -115,6 +124,7 @@ Generated by `python experiments/compare_objectives.py --config {spec} --workdir
   seed {config.readouts.infill_seed}; [NLU] for UL2), nats per token: "span tokens" scores the
   corrupted-out tokens only (sentinels teacher-forced), "all targets" also the sentinels (T5's
   targets, eos excluded). Both on {config.readouts.num_sequences} held-out chunks. {naming}
+  {suite}
 * Mean ± sample std over seeds; best mean per column in bold. Sum of the cells' wall times on
   the machine that ran them: {total:.0f} s.
 """
@@ -128,9 +138,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, spec: str = "",
   cells = grid.plan(config, tokenizer.special_ids)  # every ValueError before any training
   run_dir = os.path.join(workdir, config.output.run_name)
   scratch = scratch or os.path.join(tempfile.gettempdir(), "seqlab_compare_objectives")
-  seeds = range(int(config.grid.num_seeds))
+  seeds = range(check_int("grid.num_seeds", config.grid.num_seeds))
   expected = grid.fingerprint(config)
-  finished = {(c.name, s): load_finished(cell_path(run_dir, c, s), expected)
+  finished = {(c.name, s): runs.load_finished(cell_path(run_dir, c, s), expected)
               for c in cells for s in seeds}
   is_writer = jax.process_index() == 0
   if is_writer:
@@ -150,14 +160,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, spec: str = "",
     row = cells_lib.run_cell(cell, seed, ctx, cell_scratch)
     finished[(cell.name, seed)] = row
     if is_writer:
-      path = cell_path(run_dir, cell, seed)
-      with open(path + ".tmp", "w") as f:
-        json.dump({"fingerprint": expected, "row": row}, f, indent=1)
-      os.replace(path + ".tmp", path)  # a killed run never leaves a half-written cell
+      runs.save_finished(cell_path(run_dir, cell, seed), expected, row)
       shutil.rmtree(cell_scratch, ignore_errors=True)
     bar.write(f"{cell.name} seed {seed}: continuation {row['continuation_nll']:.3f}  "
               f"infill {row['infill_nll']:.3f}  name EM {100 * row['exact_match']:.1f}% "
-              f"chrF {row['name_chrf']:.1f}  "
+              f"chrF {row['name_chrf']:.1f}  zero-shot {100 * row['zero_shot_acc']:.1f}% "
+              f"multitask {100 * row['multitask_acc']:.1f}%  "
               f"({row['cell_seconds']:.0f} s)")
     bar.update(1)
   bar.close()
@@ -167,30 +175,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, spec: str = "",
     title = f"Objective comparison: {config.output.run_name}"
     report.write_csv(rows, os.path.join(run_dir, "results.csv"))
     report.write_markdown(summary, os.path.join(run_dir, "results.md"), title=title,
-                          notes=notes(config, rows, spec))
+                          notes=notes(config, rows, spec),
+                          significance_lines=report.significance(rows, summary),
+                          suite=report.suite_table(rows, summary))
     report.plot(summary, os.path.join(run_dir, "results.png"), title=title)
     print(report.markdown_table(summary), flush=True)
   return summary
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-  host_memory.keep_freed_host_memory()  # before JAX starts: seqlab/host_memory.py
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-  parser.add_argument("--config", default="experiments/configs/compare_objectives.py:quick",
-                      help="config file[:arg]")
-  parser.add_argument("--workdir", default="results/compare_objectives",
-                      help="results go to <workdir>/<output.run_name>/")
-  parser.add_argument("--scratch", default=None,
-                      help="the cells' checkpoints (default: the system temp directory)")
-  args, overrides = parser.parse_known_args(argv)
-  for item in overrides:
-    if not item.startswith("--config."):
-      parser.error(f"unrecognized argument {item!r} (overrides look like --config.a.b=value)")
-  config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
-  loop.join_processes(config)
-  return run(config, args.workdir, spec=" ".join([args.config, *overrides]),
-             scratch=args.scratch)
+  config, run_dir, spec, scratch = runs.grid_command_line(
+      __doc__.split("\n")[0], default_config="experiments/configs/compare_objectives.py:quick",
+      default_workdir="results/compare_objectives", argv=argv, scratch=True)
+  return run(config, os.path.dirname(run_dir), spec=spec, scratch=scratch)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(runs.exit_on_bad_input(main, "compare_objectives"))

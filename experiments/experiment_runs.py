@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -63,13 +64,15 @@ def host_params(params):
 
 def train(model_cfg, optimizer: train_lib.OptimizerConfig, key, batches: Iterator[dict],
           config: ml_collections.ConfigDict, *, steps: int, workdir: str, inputs: dict,
-          params=None, label: str = "") -> trainer.Result:
+          params=None, evaluate=None, label: str = "") -> trainer.Result:
   """Trains `model_cfg` for `steps` steps on `seqlab.trainer` in `workdir` (resuming there).
 
   Starts from `params` when given, else from an init with `key`. The mesh and strategy come
   from `config.mesh`, the checkpoint interval from `config.train.checkpoint_every` (0: at the
   end only), a progress line from `config.train.progress`. Every step's loss is logged
-  (`Result.final_loss`, `Result.history`). The work directory records the model, optimizer,
+  (`Result.final_loss`, `Result.history`); `evaluate(state) -> metrics`, when given, every
+  `config.train.eval_every` steps (0 or absent: at the end), logged as `eval/<name>`. The
+  work directory records the model, optimizer,
   `steps` and `inputs` (seed and data settings): a rerun that changes any of them is refused
   (ValueError) instead of resumed.
   """
@@ -79,12 +82,38 @@ def train(model_cfg, optimizer: train_lib.OptimizerConfig, key, batches: Iterato
               "train": {"steps": steps, "checkpoint_every": every}, "mesh": config.mesh.to_dict()}
   options = trainer.Options(steps=steps, strategy=config.mesh.strategy, log_every=1,
                             checkpoint_every=every, label=label,
+                            eval_every=int(config.train.get("eval_every", 0)),
                             progress=bool(config.train.get("progress", False)))
   init_args = (key,) if params is None else (params, key)
   return trainer.run(dataclasses.replace(loop.model_job(model_cfg, optimizer, params is not None),
                                          init_args=init_args),
                      batches, loop.make_mesh(config), options, workdir=workdir,
-                     config=recorded, resumable=RESUMABLE)
+                     config=recorded, resumable=RESUMABLE, evaluate=evaluate)
+
+
+def load_finished(path: str, fingerprint: str) -> dict | None:
+  """A finished unit's saved row (`save_finished`), or None if there is none; ValueError if it
+  was computed under another config (its fingerprint differs)."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    saved = json.load(f)
+  if saved.get("fingerprint") != fingerprint:
+    raise ValueError(f"{path} was computed with a different config (fingerprint "
+                     f"{saved.get('fingerprint')} != {fingerprint}); choose another "
+                     "--config.output.run_name or delete the old results")
+  return saved["row"]
+
+
+def save_finished(path: str, fingerprint: str, row: dict) -> None:
+  """Writes `row` with the config's fingerprint atomically: a killed run never leaves a
+  half-written file (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump({"fingerprint": fingerprint, "row": row}, f, indent=1)
+  os.replace(path + ".tmp", path)
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], path: str) -> None:
@@ -103,6 +132,43 @@ def write_results_md(out_dir: str, lines: Sequence[str], *, total_time_s: float,
             f"{os.cpu_count()} cores.", ""]
   with open(os.path.join(out_dir, "results.md"), "w") as f:
     f.write("\n".join([*lines, *footer]))
+
+
+def grid_command_line(description: str, *, default_config: str, default_workdir: str,
+                      argv: Sequence[str] | None = None, scratch: bool = False):
+  """`--config file.py[:arg] --workdir DIR [--scratch DIR] [--config.a.b=value ...]` ->
+  (config, run dir `<workdir>/<config.output.run_name>`, the command's config spec, scratch).
+
+  The grid experiments' command line (compare_objectives, adaptation); anything but
+  `--config.` overrides is an error. It also keeps freed host memory (`seqlab.host_memory`)
+  and joins the processes of a multi-host run (`seqlab.loop.join_processes`).
+  """
+  host_memory.keep_freed_host_memory()  # before JAX starts: seqlab/host_memory.py
+  parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+  parser.add_argument("--config", default=default_config, help="config file[:arg]")
+  parser.add_argument("--workdir", default=default_workdir,
+                      help="results go to <workdir>/<output.run_name>/")
+  if scratch:
+    parser.add_argument("--scratch", default=None,
+                        help="the trainings' checkpoints (default: the system temp directory)")
+  args, overrides = parser.parse_known_args(argv)
+  for item in overrides:
+    if not item.startswith("--config."):
+      parser.error(f"unrecognized argument {item!r} (overrides look like --config.a.b=value)")
+  config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
+  loop.join_processes(config)
+  return (config, os.path.join(args.workdir, str(config.output.run_name)),
+          " ".join([args.config, *overrides]), getattr(args, "scratch", None))
+
+
+def exit_on_bad_input(main, name: str) -> int:
+  """Runs `main()`; a bad config or input (ValueError) exits 2 with one line, no traceback."""
+  try:
+    main()
+  except ValueError as e:
+    print(f"{name}: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+  return 0
 
 
 def parse_command_line(description: str, argv: Sequence[str] | None = None

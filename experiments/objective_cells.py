@@ -23,12 +23,14 @@ import experiment_runs as runs
 import objective_grid as grid
 import objective_readouts as readouts
 
-from seqlab import models, trainer
+from seqlab import loop, models, trainer
+from seqlab import tasks as tasks_lib
 from seqlab import metrics as metrics_lib
 from seqlab import features as features_lib
 from seqlab import train as train_lib
 from seqlab.data import pipeline as pipeline_lib
 from seqlab.data import sources as sources_lib
+from seqlab.evaluation import finetune as finetune_lib
 from seqlab.evaluation import harness, scoring
 
 # ─── Runtime context: the data every cell shares ─────────────────────────────────────────────
@@ -55,15 +57,34 @@ class Context:
     heldout = sources_lib.get_source(data.source, split="validation", **source_kwargs)
     self.chunks = readouts.heldout_chunks(heldout, tokenizer, int(config.readouts.chunk_length),
                                           int(config.readouts.num_sequences))
-    ft = config.finetune
-    sizes = dict(max_body_bytes=ft.max_body_bytes, max_name_bytes=ft.max_name_bytes)
-    self.naming_eval = _spread(readouts.function_name_pairs(
-        [heldout[i] for i in range(len(heldout))], **sizes), int(ft.num_eval))
-    files = _spread(range(len(self.train_source)), int(ft.train_files) or len(self.train_source))
-    self.naming_train = readouts.function_name_pairs([self.train_source[i] for i in files],
-                                                     **sizes)
-    # A corpus without Python functions (prose, another language) skips readout (c).
+    # Readout (c) needs Python functions: none for a config without fine-tuning or a corpus
+    # without them (prose, another language).
+    self.naming_eval, self.naming_train = [], []
+    if "finetune" in config:
+      ft = config.finetune
+      sizes = dict(max_body_bytes=ft.max_body_bytes, max_name_bytes=ft.max_name_bytes)
+      self.naming_eval = _spread(readouts.function_name_pairs(
+          [heldout[i] for i in range(len(heldout))], **sizes), int(ft.num_eval))
+      files = _spread(range(len(self.train_source)),
+                      int(ft.train_files) or len(self.train_source))
+      self.naming_train = readouts.function_name_pairs(
+          [self.train_source[i] for i in files], **sizes)
     self.has_naming = bool(self.naming_eval and self.naming_train)
+    # Readouts (d) and (e): the corpus's built-in task suite (`seqlab.tasks.register_suite`).
+    self.suite = suite_names(config)
+    self.has_suite = bool(self.suite["train"] and self.suite["heldout"])
+
+
+def suite_names(config: ml_collections.ConfigDict) -> dict[str, list[str]]:
+  """Registers the corpus's built-in task suite (`seqlab.tasks.register_suite`, cached) and
+  returns its "train" and "heldout" task names; none without a `zero_shot` section."""
+  if "zero_shot" not in config:
+    return {"train": [], "heldout": []}
+  data, zs = config.data, config.zero_shot
+  return tasks_lib.register_suite(
+      data.source, dict(data.source_kwargs), prefix=f"compare_{data.source}",
+      max_documents=int(zs.max_documents), max_examples=int(zs.max_examples),
+      max_choice_chars=int(zs.max_choice_chars))
 
 
 def optimizer_config(section: ml_collections.ConfigDict, steps: int) -> train_lib.OptimizerConfig:
@@ -81,23 +102,36 @@ def optimizer_config(section: ml_collections.ConfigDict, steps: int) -> train_li
 def _train_config(config: ml_collections.ConfigDict, cell: grid.Cell, seed: int) -> dict:
   """What a cell's trainings record as their inputs: the config sections its numbers depend
   on (not the grid's extent, the output options, the layout or the checkpoint interval)."""
-  skip = ("grid", "output", "mesh", "distributed", "train")
+  skip = ("grid", "adaptation", "output", "mesh", "distributed", "train")
   relevant = {k: v for k, v in config.to_dict().items() if k not in skip}
   return {**relevant, "pretrain_steps": int(config.train.steps), "cell": cell.name, "seed": seed}
 
 
-def pretrain(cell: grid.Cell, seed: int, ctx: Context, workdir: str) -> trainer.Result:
-  """Trains a cell from scratch in `workdir` (or resumes it there) for `train.steps` steps."""
+def pretrain(cell: grid.Cell, seed: int, ctx: Context, workdir: str, *, params=None,
+             data_seed: int | None = None, evaluate=None, inputs: dict | None = None
+             ) -> trainer.Result:
+  """Trains a cell in `workdir` (or resumes it there) for `train.steps` steps.
+
+  From scratch (init key `seed`) or, given `params`, from them; on the cell's objective over
+  the data stream `data_seed` (default `seed`). `evaluate(state)` runs every
+  `train.eval_every` steps (config default 0: at the end). `inputs` adds to what the training
+  records (a rerun that changes any of it is refused instead of resumed).
+  """
   config = ctx.config
   steps = int(config.train.steps)
+  data_seed = seed if data_seed is None else data_seed
   it = pipeline_lib.make_pipeline(
       ctx.train_source, ctx.tokenizer, cell.spec.pipeline_objective, cell.streams,
-      seq_lengths=cell.lengths_dict, seed=seed, packing=bool(config.data.packing),
+      seq_lengths=cell.lengths_dict, seed=data_seed, packing=bool(config.data.packing),
       objective_kwargs=grid.objective_kwargs(config, cell.objective),
       **runs.process_rows(int(config.data.batch_size)))
+  recorded = _train_config(config, cell, seed)
+  if data_seed != seed:
+    recorded["data_seed"] = data_seed
   return runs.train(cell.model_config, optimizer_config(config.optimizer, steps),
                     jax.random.key(seed), it, config, steps=steps, workdir=workdir,
-                    inputs=_train_config(config, cell, seed), label=f"{cell.name} seed {seed}")
+                    inputs={**recorded, **(inputs or {})}, params=params, evaluate=evaluate,
+                    label=f"{cell.name} seed {seed}")
 
 
 def _naming_examples(ctx: Context, cell: grid.Cell, pairs) -> list[scoring.Request]:
@@ -193,6 +227,75 @@ def score_names(predictions: list[str], references: list[str]) -> dict[str, floa
   }
 
 
+def _mean_nll(cell: grid.Cell, params, ctx: Context, examples, fmt: str) -> float:
+  """Mean NLL per scored token, one example per row (every readout of a cell has one shape)."""
+  return readouts.mean_nll(scoring.Scorer(
+      cell.model_config, params, fmt=fmt, lengths=grid.readout_lengths(cell, ctx.config),
+      eos_id=ctx.special.eos, batch_size=int(ctx.config.readouts.batch_size), pack=False),
+      examples)
+
+
+def heldout_readouts(cell: grid.Cell, params, ctx: Context) -> dict[str, float]:
+  """Readouts (a) and (b) on the held-out chunks in the cell's natural format: continuation
+  NLL, infilling NLL on the span tokens, and on every target token (sentinels too)."""
+  fmt, special = cell.spec.readout, ctx.special
+  continuation = _mean_nll(cell, params, ctx,
+                           readouts.continuation_examples(ctx.chunks, fmt, special), fmt.format)
+  infill_examples = readouts.infill_examples(ctx.chunks, fmt, special,
+                                             seed=int(ctx.config.readouts.infill_seed))
+  infill = _mean_nll(cell, params, ctx, infill_examples, fmt.format)
+  # The literal T5 reading, sentinels scored too (eos still not): a format-knowledge check.
+  infill_all = _mean_nll(cell, params, ctx, [dataclasses.replace(e, scored=np.ones_like(e.scored))
+                                             for e in infill_examples], fmt.format)
+  return {"continuation_nll": continuation, "infill_nll": infill,
+          "infill_nll_with_sentinels": infill_all}
+
+
+ZERO_SHOT_COLUMNS = ("zero_shot_acc", "few_shot_acc", "multitask_acc", "suite_chance")
+
+
+def language_model(cell: grid.Cell, params, ctx: Context) -> harness.LanguageModel:
+  """The cell's model for `seqlab.evaluation`: its readout format and mode token, rows of L
+  per stream (a longer prompt loses its oldest tokens, as in lm-evaluation-harness)."""
+  fmt = cell.spec.readout
+  return harness.LanguageModel(cell.model_config, params, ctx.tokenizer, fmt.format,
+                               grid.readout_lengths(cell, ctx.config), fmt.finetune_mode)
+
+
+def suite_accuracy(model: harness.LanguageModel, ctx: Context, shots
+                   ) -> tuple[dict[int, float], float]:
+  """Mean rank-classification accuracy over the held-out task types per number of shots, and
+  the chance level (the mean of 1 / number of choices)."""
+  zs = ctx.config.zero_shot
+  rows = harness.evaluate_tasks(model, ctx.suite["heldout"], shots=shots, limit=int(zs.limit),
+                                seed=int(zs.seed), batch_size=int(zs.batch_size))
+  return {r["shots"]: r["acc"] for r in rows if r["task"] == "mean"}, rows[-1]["chance"]
+
+
+def zero_shot_readouts(cell: grid.Cell, seed: int, params, ctx: Context, workdir: str
+                       ) -> dict[str, float]:
+  """(d) zero- and few-shot accuracy on the held-out task types of the pretrained model;
+  (e) zero-shot accuracy on them after multitask fine-tuning on the training types (every
+  type at an equal rate, `zero_shot.multitask_steps` steps, the fine-tuning optimizer of (c))."""
+  zs, ft = ctx.config.zero_shot, ctx.config.finetune
+  if not ctx.has_suite:
+    return dict.fromkeys(ZERO_SHOT_COLUMNS, math.nan)
+  model = language_model(cell, params, ctx)
+  accuracy, chance = suite_accuracy(model, ctx, (0, int(zs.shots)))
+  mixture = tasks_lib.Mixture("suite_train", tuple(ctx.suite["train"]),
+                              (1.0,) * len(ctx.suite["train"]))
+  steps = int(zs.multitask_steps)
+  tuned, _ = finetune_lib.finetune(
+      model, mixture, steps=steps, batch_size=int(zs.multitask_batch_size),
+      optimizer=optimizer_config(ft, steps), num_examples=int(zs.max_examples), seed=seed,
+      workdir=workdir, mesh=loop.make_mesh(ctx.config),
+      checkpoint_every=int(ctx.config.train.checkpoint_every),
+      label=f"{cell.name} seed {seed} multitask")
+  multitask, _ = suite_accuracy(tuned, ctx, (0,))
+  return {"zero_shot_acc": accuracy[0], "few_shot_acc": accuracy[int(zs.shots)],
+          "multitask_acc": multitask[0], "suite_chance": chance}
+
+
 def run_cell(cell: grid.Cell, seed: int, ctx: Context, scratch: str) -> dict:
   """Pretrain, score (a) and (b), fine-tune, score (c): one row of results.csv.
 
@@ -200,35 +303,23 @@ def run_cell(cell: grid.Cell, seed: int, ctx: Context, scratch: str) -> dict:
   work directories are `scratch/pretrain` and `scratch/finetune`: a cell rerun
   after a kill resumes there and gives the same row (but for the wall times).
   """
-  config, special = ctx.config, ctx.special
+  config = ctx.config
   start = time.perf_counter()
   pretrained = pretrain(cell, seed, ctx, os.path.join(scratch, "pretrain"))
   pretrain_seconds = time.perf_counter() - start
   params = runs.host_params(pretrained.state.params)
-  fmt = cell.spec.readout
-  eval_rows = int(config.readouts.batch_size)
-
-  def score(examples, form, lengths, p):  # one example per row: every readout has one shape
-    return readouts.mean_nll(scoring.Scorer(cell.model_config, p, fmt=form, lengths=lengths,
-                                            eos_id=special.eos, batch_size=eval_rows,
-                                            pack=False), examples)
-
-  lengths = grid.readout_lengths(cell, config)
-  continuation = score(readouts.continuation_examples(ctx.chunks, fmt, special), fmt.format,
-                       lengths, params)
-  infill_examples = readouts.infill_examples(ctx.chunks, fmt, special,
-                                             seed=int(config.readouts.infill_seed))
-  infill = score(infill_examples, fmt.format, lengths, params)
-  # The literal T5 reading, sentinels scored too (eos still not): a format-knowledge check.
-  infill_all = score([dataclasses.replace(e, scored=np.ones_like(e.scored))
-                      for e in infill_examples], fmt.format, lengths, params)
+  heldout = heldout_readouts(cell, params, ctx)
   name_nll, generated = math.nan, dict.fromkeys(NAMING_COLUMNS, math.nan)
   if ctx.has_naming:
     tuned = runs.host_params(finetune(cell, seed, params, ctx,
                                       os.path.join(scratch, "finetune")).state.params)
     # The readout rows hold every fine-tuning example too; one shape, one compilation.
-    name_nll = score(_naming_examples(ctx, cell, ctx.naming_eval), "seq2seq", lengths, tuned)
+    name_nll = _mean_nll(cell, tuned, ctx, _naming_examples(ctx, cell, ctx.naming_eval),
+                         "seq2seq")
     generated = name_generation(cell, tuned, ctx)
+  suite = dict.fromkeys(ZERO_SHOT_COLUMNS, math.nan)
+  if "zero_shot" in config:
+    suite = zero_shot_readouts(cell, seed, params, ctx, os.path.join(scratch, "multitask"))
   lengths_total = sum(cell.lengths_dict.values())
   return {
       "architecture": cell.architecture, "objective": cell.objective, "seed": seed,
@@ -236,9 +327,9 @@ def run_cell(cell: grid.Cell, seed: int, ctx: Context, scratch: str) -> dict:
       "train_flops_per_token": grid.flops_per_token(cell),
       "train_tokens": int(config.train.steps) * int(config.data.batch_size) * lengths_total,
       "train_steps": int(config.train.steps), "final_train_loss": pretrained.final_loss(),
-      "continuation_nll": continuation, "infill_nll": infill,
-      "infill_nll_with_sentinels": infill_all, "name_nll": name_nll,
+      **heldout, "name_nll": name_nll,
       **generated, "naming_eval_functions": len(ctx.naming_eval) if ctx.has_naming else 0,
+      **suite,
       "pretrain_seconds": pretrain_seconds,
       "cell_seconds": time.perf_counter() - start,
   }

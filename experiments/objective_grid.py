@@ -165,20 +165,22 @@ def finetune_lengths(cell: Cell, config: ml_collections.ConfigDict) -> dict[str,
   return {"encoder": ft.max_body_bytes + 2, "decoder": ft.max_name_bytes + 1}
 
 
-def plan(config: ml_collections.ConfigDict, special: obj.SpecialIds) -> list[Cell]:
-  """The validated cells. Raises ValueError before any training on an unknown name, an
-  objective that does not fit an architecture, or a cell whose pretraining examples, readouts
-  or fine-tuning examples do not fit its length budget."""
+def plan(config: ml_collections.ConfigDict, special: obj.SpecialIds,
+         names: list[tuple[str, str]] | None = None) -> list[Cell]:
+  """The validated cells of the grid (or of `names`, (architecture, objective) pairs).
+
+  Raises ValueError before any training on an unknown name, an objective that does not fit an
+  architecture, or a cell whose pretraining examples, readouts or fine-tuning examples (when
+  the config has a `finetune` section) do not fit its length budget."""
   length = int(config.data.seq_length)
   for name, value in (("data.seq_length", length), ("data.batch_size", config.data.batch_size),
                       ("train.steps", config.train.steps),
-                      ("grid.num_seeds", config.grid.num_seeds),
                       ("readouts.num_sequences", config.readouts.num_sequences)):
     if int(value) < 1:
       raise ValueError(f"{name}={value} must be >= 1")
   chunk = np.full(int(config.readouts.chunk_length), special.first_regular_id, np.int32)
   cells = []
-  for architecture, objective in grid_names(config):
+  for architecture, objective in names or grid_names(config):
     name = f"{architecture}/{objective}"
     streams = ARCHITECTURES[architecture][0]
     lengths = ({"decoder": length} if streams == "decoder"
@@ -199,10 +201,11 @@ def plan(config: ml_collections.ConfigDict, special: obj.SpecialIds) -> list[Cel
                              spec.readout.format, cell.lengths_dict),
         "(b) infilling": (readouts.infill_examples(chunk[None], spec.readout, special, seed=0),
                           spec.readout.format, cell.lengths_dict),
-        "(c) fine-tuning": (_longest_naming_example(config, spec, special), "seq2seq",
-                            {s: min(n, readout_lengths(cell, config)[s])
-                             for s, n in finetune_lengths(cell, config).items()}),
     }
+    if "finetune" in config:
+      checks["(c) fine-tuning"] = (_longest_naming_example(config, spec, special), "seq2seq",
+                                   {s: min(n, readout_lengths(cell, config)[s])
+                                    for s, n in finetune_lengths(cell, config).items()})
     for what, (examples, fmt, budget) in checks.items():
       need = readouts.feature_lengths(examples, cell.streams, fmt, special.eos)
       for stream, n in need.items():
@@ -237,11 +240,12 @@ def flops_per_token(cell: Cell) -> float:
   return flops.training_flops(table) / (lengths["encoder"] + lengths["decoder"])
 
 
-def fingerprint(config: ml_collections.ConfigDict) -> str:
-  """Hash of everything a cell's numbers depend on (not the grid's extent, the output options,
-  how the processes join or the checkpoint frequency)."""
+def fingerprint(config: ml_collections.ConfigDict, extent: str = "grid") -> str:
+  """Hash of everything a cell's numbers depend on (not the experiment's extent, the section
+  `extent` names; nor the output options, how the processes join or the checkpoint
+  frequency)."""
   relevant = {k: v for k, v in config.to_dict().items()
-              if k not in ("grid", "output", "distributed")}
+              if k not in (extent, "output", "distributed")}
   relevant["train"] = {k: v for k, v in relevant["train"].items() if k != "checkpoint_every"}
   text = json.dumps(relevant, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
 # (column, header, lower is better) of the readouts, in table order.
 READOUTS = (
@@ -21,11 +22,16 @@ READOUTS = (
     ("exact_match", "(c) name exact match ↑", False),
     ("name_chrf", "(c) name chrF ↑", False),
     ("name_nll", "(c) name NLL ↓", True),
+    ("zero_shot_acc", "(d) zero-shot acc ↑", False),
+    ("few_shot_acc", "(d) few-shot acc ↑", False),
+    ("multitask_acc", "(e) multitask zero-shot acc ↑", False),
 )
+ACCURACIES = ("exact_match", "zero_shot_acc", "few_shot_acc", "multitask_acc")  # shown in %
 CSV_COLUMNS = ("architecture", "objective", "seed", "params", "train_flops_per_token",
                "train_tokens", "train_steps", "final_train_loss", "continuation_nll",
                "infill_nll", "infill_nll_with_sentinels", "name_nll", "exact_match",
-               "name_chrf", "name_rouge_l", "name_bleu", "pretrain_seconds", "cell_seconds")
+               "name_chrf", "name_rouge_l", "name_bleu", "zero_shot_acc", "few_shot_acc",
+               "multitask_acc", "suite_chance", "pretrain_seconds", "cell_seconds")
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: str) -> None:
@@ -42,7 +48,7 @@ def aggregate(rows: Sequence[Mapping[str, Any]], cells: Sequence[tuple[str, str]
   """Per cell in `cells` order: params, FLOPs/token, seeds, and (mean, std) of each readout.
 
   std is the sample standard deviation (ddof=1) over seeds; 0 with a single seed. Cells
-  without rows are left out.
+  without rows are left out; a readout a row lacks is NaN.
   """
   out = []
   for architecture, objective in cells:
@@ -53,7 +59,7 @@ def aggregate(rows: Sequence[Mapping[str, Any]], cells: Sequence[tuple[str, str]
              "params": mine[0]["params"],
              "train_flops_per_token": mine[0]["train_flops_per_token"]}
     for column, _, _ in READOUTS:
-      values = np.array([float(r[column]) for r in mine], np.float64)
+      values = np.array([float(r.get(column, math.nan)) for r in mine], np.float64)
       std = float(values.std(ddof=1)) if values.size > 1 else 0.0
       entry[column] = (float(values.mean()), std)
     out.append(entry)
@@ -77,7 +83,7 @@ def best_cells(summary: Sequence[Mapping[str, Any]]) -> dict[str, set[int]]:
 def _fmt(mean: float, std: float, column: str) -> str:
   if not math.isfinite(mean):
     return "—"  # a readout this corpus cannot give (module doc of objective_cells.run_cell)
-  if column == "exact_match":
+  if column in ACCURACIES:
     return f"{100 * mean:.1f} ± {100 * std:.1f}"
   if column == "name_chrf":  # already 0-100
     return f"{mean:.1f} ± {std:.1f}"
@@ -100,13 +106,111 @@ def markdown_table(summary: Sequence[Mapping[str, Any]]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+  """(mean, half-width of the two-sided Student-t interval) over seeds; NaN width for one."""
+  values = np.asarray(values, np.float64)
+  if values.size < 2:
+    return float(values.mean()), math.nan
+  sem = values.std(ddof=1) / math.sqrt(values.size)
+  return float(values.mean()), float(stats.t.ppf(0.5 + level / 2, values.size - 1) * sem)
+
+
+def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
+  """Two-sided p-value of Welch's t-test between two cells' per-seed values (NaN when it is
+  undefined: fewer than two seeds, or no spread in either cell)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if min(a.size, b.size) < 2 or (a.std() == 0 and b.std() == 0):
+    return math.nan
+  return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def above_chance_p(values: Sequence[float], chance: float) -> float:
+  """One-sided p-value of a one-sample t-test that the mean over seeds exceeds `chance`."""
+  values = np.asarray(values, np.float64)
+  if values.size < 2 or values.std() == 0:
+    return math.nan
+  return float(stats.ttest_1samp(values, chance, alternative="greater").pvalue)
+
+
+def _per_seed(rows, architecture: str, objective: str, column: str) -> list[float]:
+  return [float(r[column]) for r in rows
+          if r["architecture"] == architecture and r["objective"] == objective]
+
+
+def significance(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[str, Any]],
+                 alpha: float = 0.05) -> list[str]:
+  """For every readout, which cells the best one beats significantly (Welch's t-test over
+  seeds, two-sided, level `alpha`) and which it does not; for (d) and (e) also which cells are
+  significantly above the chance level (one-sided one-sample t-test)."""
+  lines = []
+  best = best_cells(summary)
+  for column, title, _ in READOUTS:
+    if not best[column]:
+      continue
+    top = summary[min(best[column])]
+    name = lambda e: f"{e['architecture']}/{e['objective']}"  # pylint: disable=unnecessary-lambda-assignment
+    mine = _per_seed(rows, top["architecture"], top["objective"], column)
+    beaten, tied, untested = [], [], []
+    for entry in summary:
+      if entry is top or not math.isfinite(entry[column][0]):
+        continue
+      p = welch_p(mine, _per_seed(rows, entry["architecture"], entry["objective"], column))
+      (untested if math.isnan(p) else beaten if p < alpha else tied).append(
+          name(entry) + ("" if math.isnan(p) else f" (p={p:.2g})"))
+    line = f"* {title}: best {name(top)}"
+    if beaten:
+      line += f"; significantly better than {', '.join(beaten)}"
+    if tied:
+      line += f"; not significantly better than {', '.join(tied)}"
+    if untested:
+      line += f"; not testable against {', '.join(untested)} (one seed or no spread)"
+    if column in ("zero_shot_acc", "few_shot_acc", "multitask_acc"):
+      chance = float(np.mean([float(r["suite_chance"]) for r in rows]))
+      above = [name(e) for e in summary if above_chance_p(_per_seed(
+          rows, e["architecture"], e["objective"], column), chance) < alpha]
+      line += (f"; above chance ({100 * chance:.1f}%) significantly: "
+               f"{', '.join(above) if above else 'none'}")
+    lines.append(line + ".")
+  return lines
+
+
+SUITE = (("zero_shot_acc", "(d) zero-shot"), ("few_shot_acc", "(d) few-shot"),
+         ("multitask_acc", "(e) zero-shot after multitask fine-tuning"))
+
+
+def suite_table(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[str, Any]]) -> str:
+  """(d) and (e) per cell: mean accuracy (%) with its 95% Student-t interval over seeds, and
+  the chance level; empty when the corpus gave no task suite."""
+  if not any(math.isfinite(e["zero_shot_acc"][0]) for e in summary):
+    return ""
+  header = ["architecture", "objective", *[title for _, title in SUITE]]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for entry in summary:
+    cells = [entry["architecture"], entry["objective"]]
+    for column, _ in SUITE:
+      mean, half = t_interval(_per_seed(rows, entry["architecture"], entry["objective"], column))
+      cells.append(f"{100 * mean:.1f}" + (f" [{100 * (mean - half):.1f}, "
+                                          f"{100 * (mean + half):.1f}]"
+                                          if math.isfinite(half) else ""))
+    lines.append("| " + " | ".join(cells) + " |")
+  chance = float(np.mean([float(r["suite_chance"]) for r in rows]))
+  return ("\n".join(lines) + f"\n\nAccuracy in %, mean over seeds [95% Student-t interval]; "
+          f"chance is {100 * chance:.1f}%.\n")
+
+
 def write_markdown(summary: Sequence[Mapping[str, Any]], path: str, *, title: str,
-                   notes: str) -> None:
+                   notes: str, significance_lines: Sequence[str] = (), suite: str = ""
+                   ) -> None:
   """results.md: a title, the table, and `notes` (what the readouts are, how it was run)."""
   with open(path, "w") as f:
     f.write(f"# {title}\n\n")
     f.write(markdown_table(summary))
+    if suite:
+      f.write("\n## Zero-shot and few-shot on the held-out task types\n\n" + suite)
     f.write("\n" + notes.strip() + "\n")
+    if significance_lines:
+      f.write("\nWhich orderings are significant (Welch's t-test over seeds, two-sided, 5%):\n\n")
+      f.write("\n".join(significance_lines) + "\n")
 
 
 def plot(summary: Sequence[Mapping[str, Any]], path: str, *, title: str) -> None:
@@ -117,11 +221,15 @@ def plot(summary: Sequence[Mapping[str, Any]], path: str, *, title: str) -> None
 
   objectives = list(dict.fromkeys(e["objective"] for e in summary))
   architectures = list(dict.fromkeys(e["architecture"] for e in summary))
-  fig, axes = plt.subplots(1, len(READOUTS), figsize=(3.8 * len(READOUTS), 3.8))
+  columns = 3
+  grid_rows = -(-len(READOUTS) // columns)
+  fig, axes = plt.subplots(grid_rows, columns, figsize=(3.8 * columns, 3.4 * grid_rows),
+                           squeeze=False)
+  axes = axes.ravel()
   width = 0.8 / max(len(architectures), 1)
   x = np.arange(len(objectives))
   for ax, (column, label, _) in zip(axes, READOUTS):
-    scale = 100.0 if column == "exact_match" else 1.0
+    scale = 100.0 if column in ACCURACIES else 1.0
     for k, architecture in enumerate(architectures):
       means, stds = [], []
       for objective in objectives:
@@ -133,11 +241,13 @@ def plot(summary: Sequence[Mapping[str, Any]], path: str, *, title: str) -> None
              capsize=2, label=architecture)
     ax.set_xticks(x)
     ax.set_xticklabels(objectives, rotation=20, fontsize=8)
-    ax.set_title(label + (" (%)" if column == "exact_match" else ""), fontsize=9)
+    ax.set_title(label + (" (%)" if column in ACCURACIES else ""), fontsize=9)
     finite = [e[column][0] * scale for e in summary if math.isfinite(e[column][0])]
     if finite and "nll" in column:  # NLL bars differ in the last digits: zoom in
       low, high = min(finite), max(finite)
       ax.set_ylim(max(0.0, low - 0.25 * (high - low + 1e-3)), high + 0.25 * (high - low + 1e-3))
+  for ax in axes[len(READOUTS):]:
+    ax.axis("off")
   axes[0].legend(fontsize=7)
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()

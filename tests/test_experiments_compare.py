@@ -24,6 +24,7 @@ import objective_report as report  # pylint: disable=g-import-not-at-top,wrong-i
 
 from seqlab import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from seqlab import objectives as obj  # pylint: disable=g-import-not-at-top,wrong-import-position
+from seqlab import tasks  # pylint: disable=g-import-not-at-top,wrong-import-position
 from seqlab.evaluation import scoring  # pylint: disable=g-import-not-at-top,wrong-import-position
 from seqlab.data import tokenizers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -77,10 +78,30 @@ def test_smoke_run_writes_every_output_and_resumes(smoke_run, monkeypatch):
     cell = cells[f"{row['architecture']}/{row['objective']}"]
     assert float(row["train_flops_per_token"]) == pytest.approx(grid.flops_per_token(cell))
 
+  # (d) and (e): accuracies, and the chance level of the held-out examples recomputed here.
+  heldout = cells_lib.suite_names(config)["heldout"]
+  assert heldout
+  limit = config.zero_shot.limit
+  chance = np.mean([np.mean([1 / len(e["choices"])
+                             for e in tasks.get(n).examples("validation")[:limit]])
+                    for n in heldout])
+  for row in rows:
+    assert float(row["suite_chance"]) == pytest.approx(chance, rel=1e-5)
+    for column in ("zero_shot_acc", "few_shot_acc", "multitask_acc"):
+      # A mean over tasks of correct / examples: a multiple of 1 / (tasks x limit) here.
+      value = float(row[column]) * len(heldout) * limit
+      assert 0 <= value <= len(heldout) * limit and value == pytest.approx(round(value)), (
+          column, row[column])
+
   # results.md: header, separator, one row per cell with every column, means from the csv.
   with open(os.path.join(run_dir, "results.md")) as f:
     text = f.read()
-  table = [line for line in text.splitlines() if line.startswith("|")]
+  main_table, _, rest = text.partition("## Zero-shot and few-shot on the held-out task types")
+  suite_table = [line for line in rest.splitlines() if line.startswith("|")]
+  assert len(suite_table) == 2 + len(expected_cells)
+  assert f"chance is {100 * chance:.1f}%" in rest
+  assert "Which orderings are significant" in rest
+  table = [line for line in main_table.splitlines() if line.startswith("|")]
   assert len(table) == 2 + len(expected_cells)
   width = 5 + len(report.READOUTS)
   assert all(line.count("|") == width + 1 for line in table)
@@ -453,6 +474,40 @@ def test_aggregate_and_markdown_mark_the_best_per_column():
   assert "**4.000 ± 0.000**" in table[3] and "**1.000 ± 0.000**" in table[3]
   assert "**5.000 ± 0.000**" in table[3]  # all targets: infill + 1
   assert table[3].count("**") == 6
+
+
+def test_t_interval_and_welch_test_by_hand():
+  mean, half = report.t_interval([0.4, 0.5, 0.6])
+  # sd 0.1, n 3: 4.302653 (Student t, 2 dof, 97.5%, from a printed table) * 0.1 / sqrt(3)
+  assert mean == pytest.approx(0.5) and half == pytest.approx(4.302653 * 0.1 / np.sqrt(3))
+  assert np.isnan(report.t_interval([0.4])[1])
+  a, b = np.array([1.0, 2.0, 3.0]), np.array([4.0, 5.0, 6.5, 7.0])
+  va, vb = a.var(ddof=1) / 3, b.var(ddof=1) / 4
+  t = (a.mean() - b.mean()) / np.sqrt(va + vb)
+  dof = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 3)  # Welch-Satterthwaite
+  import scipy.stats  # pylint: disable=g-import-not-at-top
+  assert report.welch_p(a, b) == pytest.approx(2 * scipy.stats.t.sf(abs(t), dof))
+  assert np.isnan(report.welch_p([1.0, 1.0], [2.0, 2.0]))  # no spread: undefined
+  assert np.isnan(report.welch_p([1.0], [2.0, 3.0]))
+
+
+def test_significance_names_the_orderings_that_hold():
+  def rows(arch, accs):
+    return [{"architecture": arch, "objective": "o", "seed": i, "params": 1,
+             "train_flops_per_token": 1.0, "zero_shot_acc": acc, "suite_chance": 0.25}
+            for i, acc in enumerate(accs)]
+
+  data = rows("a", [0.50, 0.52, 0.51]) + rows("b", [0.30, 0.31, 0.29]) + rows(
+      "c", [0.20, 0.60, 0.40]) + rows("d", [0.24, 0.26, 0.25])
+  summary = report.aggregate(data, [("a", "o"), ("b", "o"), ("c", "o"), ("d", "o")])
+  (line,) = report.significance(data, summary)
+  p_b = report.welch_p([0.50, 0.52, 0.51], [0.30, 0.31, 0.29])
+  p_c = report.welch_p([0.50, 0.52, 0.51], [0.20, 0.60, 0.40])
+  assert p_b < 0.05 < p_c
+  assert line.startswith("* (d) zero-shot acc ↑: best a/o; significantly better than b/o (p=")
+  assert f"not significantly better than c/o (p={p_c:.2g})" in line
+  # Above chance (one-sided t over seeds): a and b; c's spread and d's mean keep them out.
+  assert line.endswith("above chance (25.0%) significantly: a/o, b/o.")
 
 
 def test_names_are_scored_with_seqlab_metrics():

@@ -130,6 +130,19 @@ def test_the_suite_is_deterministic_and_splits_are_fixed(corpus, suite):
   assert tasks.get("known/returns").chance == pytest.approx(0.5)
 
 
+def test_max_choice_chars_keeps_the_examples_whose_choices_fit_in_order(corpus, suite):
+  del suite
+  names = ("short/cloze", "short/function_name")
+  builtin.register_suite("stdlib", corpus, prefix="short", min_examples=1, max_examples=10**6)
+  full = {n: tasks.get(n).examples("train") for n in names}
+  builtin.register_suite("stdlib", corpus, prefix="short", min_examples=1, max_examples=10**6,
+                         max_choice_chars=6)
+  for name, examples in full.items():
+    want = [e for e in examples if all(len(c) <= 6 for c in e["choices"])]
+    assert want and len(want) < len(examples)  # the limit bites, and leaves some
+    assert tasks.get(name).examples("train") == want
+
+
 def test_a_plain_english_corpus_yields_the_prose_types_only(tmp_path):
   for k in range(NUM_MODULES):
     (tmp_path / f"doc{k}.txt").write_text(" ".join(_sentence(k, i) for i in range(4)) + "\n")

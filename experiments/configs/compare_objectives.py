@@ -77,6 +77,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       max_body_bytes=96, max_name_bytes=24, num_eval=256, decode_batch_size=128,
       train_files=0))
 
+  # (d) and (e): the corpus's built-in task suite (`seqlab.tasks.register_suite`), `limit`
+  # validation examples per held-out type, `shots` in-context examples for the few-shot column,
+  # then `multitask_steps` of fine-tuning on the training types (the `finetune` optimizer).
+  # An answer must fit a row beside some context: choices of at most half a row.
+  c.zero_shot = ml_collections.ConfigDict(dict(
+      shots=2, limit=48, max_documents=120, max_examples=200, max_choice_chars=64, seed=1234,
+      batch_size=64, multitask_steps=40, multitask_batch_size=16))
+
   c.mesh = ml_collections.ConfigDict(dict(strategy="data", data=-1, fsdp=1))
   # Several hosts: `seqlab.loop.join_processes` reads these fields (tiny.py explains them).
   c.distributed = ml_collections.ConfigDict(dict(
@@ -98,6 +106,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.readouts.update(dict(chunk_length=40, num_sequences=6, batch_size=8))
     c.finetune.update(dict(steps=2, batch_size=4, max_body_bytes=24, max_name_bytes=12,
                            num_eval=6, decode_batch_size=8, train_files=8))
+    c.zero_shot.update(dict(limit=6, max_documents=40, max_examples=40, max_choice_chars=20,
+                            batch_size=8, multitask_steps=2, multitask_batch_size=4))
     c.output.progress = False
   elif arg == "gpu":
     c.grid.objectives = "full_lm,prefix_lm,span_corruption,ul2,span_prefix_lm"

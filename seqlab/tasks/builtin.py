@@ -34,6 +34,7 @@ from __future__ import annotations
 import ast
 import functools
 import re
+import sys
 import textwrap
 import zlib
 from collections.abc import Sequence
@@ -274,12 +275,15 @@ def _freeze(value: Any) -> Any:
 def register_suite(source: str = "stdlib", source_kwargs: dict | None = None, *,
                    prefix: str = "builtin", max_documents: int = 400,
                    max_examples: int = 500, max_body_chars: int = 600,
-                   min_examples: int = 20, replace: bool = True) -> dict[str, list[str]]:
+                   min_examples: int = 20, max_choice_chars: int | None = None,
+                   replace: bool = True) -> dict[str, list[str]]:
   """Registers the suite of `source` as `<prefix>/<type>` tasks.
 
   Returns {"train": [...], "heldout": [...], "skipped": [...]} task names (skipped: too few
   examples in this corpus). `max_documents` documents are read per split (spread evenly),
-  `max_examples` examples kept per task and split.
+  `max_examples` examples kept per task and split; with `max_choice_chars`, only examples
+  whose every choice has at most that many characters (for models with short rows: a
+  continuation must fit a row, only the context can be cut).
   """
   items = _freeze(dict(source_kwargs or {}))
 
@@ -295,7 +299,13 @@ def register_suite(source: str = "stdlib", source_kwargs: dict | None = None, *,
 
       def load(split: str, kind=kind, name=name) -> list[dict]:
         rng = np.random.default_rng([zlib.crc32(name.encode()), zlib.crc32(split.encode())])
-        return _build(kind, docs(split), rng, max_examples)
+        if max_choice_chars is None:
+          return _build(kind, docs(split), rng, max_examples)
+        # Every example in order, then the first that fit: the same examples as without the
+        # limit wherever all of them fit.
+        examples = _build(kind, docs(split), rng, sys.maxsize)
+        return [e for e in examples
+                if max(len(c) for c in e["choices"]) <= max_choice_chars][:max_examples]
 
       task = registry.Task(name, "choice", load, tags=(family, group, prefix))
       if min(len(task.examples(s)) for s in registry.SPLITS) < min_examples:
