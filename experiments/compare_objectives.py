@@ -99,9 +99,11 @@ def notes(config: ml_collections.ConfigDict, rows: list[dict], spec: str) -> str
   (its columns show —)."""
   if "zero_shot" in config and rows and math.isfinite(rows[0]["zero_shot_acc"]):
     zs = config.zero_shot
+    few_shot = (f" and with {zs.shots} in-context examples" if zs.shots else
+                " only (zero_shot.shots=0: the rows hold no in-context example beside a prompt)")
     suite = f"""(d) rank-classification accuracy on the held-out task types of the corpus's
   built-in suite (`seqlab.tasks.register_suite`: {', '.join(ctx_names(config, 'heldout'))}),
-  {zs.limit} validation examples each, zero-shot and with {zs.shots} in-context examples; (e)
+  {zs.limit} validation examples each, zero-shot{few_shot}; (e)
   the same zero-shot after {zs.multitask_steps} steps (batch {zs.multitask_batch_size}) of
   multitask fine-tuning on the training types ({', '.join(ctx_names(config, 'train'))}).
   A prompt longer than the cell's {d.seq_length}-token rows loses its oldest tokens."""

@@ -62,6 +62,21 @@ def host_params(params):
   return jax.tree_util.tree_map(fetch, params)
 
 
+# What a shell reports for a job that SIGTERM ended (128 + 15): a scheduler requeues it, and
+# the same command resumes from the checkpoint the engine saved.
+PREEMPTED_EXIT = 143
+
+
+def stop_if_preempted(result: trainer.Result, label: str = "") -> trainer.Result:
+  """`result`, unless its training was preempted (SIGTERM): then the experiment stops with
+  exit status `PREEMPTED_EXIT` instead of reading out a half-trained model."""
+  if result.status == "preempted":
+    print(f"preempted{' (' + label + ')' if label else ''} at step {result.step}: its checkpoint "
+          "is saved; rerun the same command to resume", file=sys.stderr, flush=True)
+    raise SystemExit(PREEMPTED_EXIT)
+  return result
+
+
 def train(model_cfg, optimizer: train_lib.OptimizerConfig, key, batches: Iterator[dict],
           config: ml_collections.ConfigDict, *, steps: int, workdir: str, inputs: dict,
           params=None, evaluate=None, label: str = "") -> trainer.Result:
@@ -70,7 +85,8 @@ def train(model_cfg, optimizer: train_lib.OptimizerConfig, key, batches: Iterato
   Starts from `params` when given, else from an init with `key`. The mesh and strategy come
   from `config.mesh`, the checkpoint interval from `config.train.checkpoint_every` (0: at the
   end only), a progress line from `config.train.progress`. Every step's loss is logged
-  (`Result.final_loss`, `Result.history`); `evaluate(state) -> metrics`, when given, every
+  (`Result.final_loss`, `Result.history`). A preempted training stops the experiment
+  (`stop_if_preempted`). `evaluate(state) -> metrics`, when given, every
   `config.train.eval_every` steps (0 or absent: at the end), logged as `eval/<name>`. The
   work directory records the model, optimizer,
   `steps` and `inputs` (seed and data settings): a rerun that changes any of them is refused
@@ -85,10 +101,11 @@ def train(model_cfg, optimizer: train_lib.OptimizerConfig, key, batches: Iterato
                             eval_every=int(config.train.get("eval_every", 0)),
                             progress=bool(config.train.get("progress", False)))
   init_args = (key,) if params is None else (params, key)
-  return trainer.run(dataclasses.replace(loop.model_job(model_cfg, optimizer, params is not None),
-                                         init_args=init_args),
-                     batches, loop.make_mesh(config), options, workdir=workdir,
-                     config=recorded, resumable=RESUMABLE, evaluate=evaluate)
+  return stop_if_preempted(trainer.run(
+      dataclasses.replace(loop.model_job(model_cfg, optimizer, params is not None),
+                          init_args=init_args),
+      batches, loop.make_mesh(config), options, workdir=workdir, config=recorded,
+      resumable=RESUMABLE, evaluate=evaluate), label)
 
 
 def load_finished(path: str, fingerprint: str) -> dict | None:

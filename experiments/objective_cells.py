@@ -10,10 +10,13 @@ compiles once per model shape and optimizer, for every cell and seed.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 import os
 import re
 import time
+import zlib
 
 import jax
 import ml_collections
@@ -76,15 +79,25 @@ class Context:
 
 
 def suite_names(config: ml_collections.ConfigDict) -> dict[str, list[str]]:
-  """Registers the corpus's built-in task suite (`seqlab.tasks.register_suite`, cached) and
-  returns its "train" and "heldout" task names; none without a `zero_shot` section."""
+  """Registers the corpus's built-in task suite (`seqlab.tasks.register_suite`) once per
+  setting and returns its "train" and "heldout" task names; none without a `zero_shot`
+  section."""
   if "zero_shot" not in config:
     return {"train": [], "heldout": []}
   data, zs = config.data, config.zero_shot
+  return _registered_suite(
+      data.source, json.dumps(data.source_kwargs.to_dict(), sort_keys=True),
+      int(zs.max_documents), int(zs.max_examples), int(zs.max_choice_chars))
+
+
+@functools.lru_cache(maxsize=None)
+def _registered_suite(source: str, source_kwargs: str, max_documents: int, max_examples: int,
+                      max_choice_chars: int) -> dict[str, list[str]]:
+  # The prefix names the setting: tasks registered under another setting never shadow these.
+  key = json.dumps([source, source_kwargs, max_documents, max_examples, max_choice_chars])
   return tasks_lib.register_suite(
-      data.source, dict(data.source_kwargs), prefix=f"compare_{data.source}",
-      max_documents=int(zs.max_documents), max_examples=int(zs.max_examples),
-      max_choice_chars=int(zs.max_choice_chars))
+      source, json.loads(source_kwargs), prefix=f"{source}_{zlib.crc32(key.encode()):08x}",
+      max_documents=max_documents, max_examples=max_examples, max_choice_chars=max_choice_chars)
 
 
 def optimizer_config(section: ml_collections.ConfigDict, steps: int) -> train_lib.OptimizerConfig:
@@ -251,7 +264,8 @@ def heldout_readouts(cell: grid.Cell, params, ctx: Context) -> dict[str, float]:
           "infill_nll_with_sentinels": infill_all}
 
 
-ZERO_SHOT_COLUMNS = ("zero_shot_acc", "few_shot_acc", "multitask_acc", "suite_chance")
+ZERO_SHOT_COLUMNS = ("zero_shot_acc", "few_shot_acc", "multitask_acc", "suite_chance",
+                     "suite_majority")
 
 
 def language_model(cell: grid.Cell, params, ctx: Context) -> harness.LanguageModel:
@@ -263,37 +277,40 @@ def language_model(cell: grid.Cell, params, ctx: Context) -> harness.LanguageMod
 
 
 def suite_accuracy(model: harness.LanguageModel, ctx: Context, shots
-                   ) -> tuple[dict[int, float], float]:
+                   ) -> tuple[dict[int, float], dict[str, float]]:
   """Mean rank-classification accuracy over the held-out task types per number of shots, and
-  the chance level (the mean of 1 / number of choices)."""
+  the baselines: chance (the mean of 1 / number of choices) and majority (always the most
+  common gold answer)."""
   zs = ctx.config.zero_shot
   rows = harness.evaluate_tasks(model, ctx.suite["heldout"], shots=shots, limit=int(zs.limit),
                                 seed=int(zs.seed), batch_size=int(zs.batch_size))
-  return {r["shots"]: r["acc"] for r in rows if r["task"] == "mean"}, rows[-1]["chance"]
+  return ({r["shots"]: r["acc"] for r in rows if r["task"] == "mean"},
+          {"suite_chance": rows[-1]["chance"], "suite_majority": rows[-1]["majority"]})
 
 
-def zero_shot_readouts(cell: grid.Cell, seed: int, params, ctx: Context, workdir: str
-                       ) -> dict[str, float]:
+def zero_shot_readouts(cell: grid.Cell, seed: int, params, ctx: Context) -> dict[str, float]:
   """(d) zero- and few-shot accuracy on the held-out task types of the pretrained model;
   (e) zero-shot accuracy on them after multitask fine-tuning on the training types (every
-  type at an equal rate, `zero_shot.multitask_steps` steps, the fine-tuning optimizer of (c))."""
+  type at an equal rate, `zero_shot.multitask_steps` steps, the fine-tuning optimizer of (c)).
+  `zero_shot.shots` 0 skips the few-shot column (NaN)."""
   zs, ft = ctx.config.zero_shot, ctx.config.finetune
   if not ctx.has_suite:
     return dict.fromkeys(ZERO_SHOT_COLUMNS, math.nan)
   model = language_model(cell, params, ctx)
-  accuracy, chance = suite_accuracy(model, ctx, (0, int(zs.shots)))
+  shots = int(zs.shots)
+  accuracy, baselines = suite_accuracy(model, ctx, (0, shots) if shots else (0,))
   mixture = tasks_lib.Mixture("suite_train", tuple(ctx.suite["train"]),
                               (1.0,) * len(ctx.suite["train"]))
   steps = int(zs.multitask_steps)
-  tuned, _ = finetune_lib.finetune(
+  # In memory, without a work directory: a few steps, redone exactly if the cell is rerun.
+  tuned, result = finetune_lib.finetune(
       model, mixture, steps=steps, batch_size=int(zs.multitask_batch_size),
       optimizer=optimizer_config(ft, steps), num_examples=int(zs.max_examples), seed=seed,
-      workdir=workdir, mesh=loop.make_mesh(ctx.config),
-      checkpoint_every=int(ctx.config.train.checkpoint_every),
-      label=f"{cell.name} seed {seed} multitask")
+      mesh=loop.make_mesh(ctx.config), label=f"{cell.name} seed {seed} multitask")
+  runs.stop_if_preempted(result, f"{cell.name} seed {seed} multitask")
   multitask, _ = suite_accuracy(tuned, ctx, (0,))
-  return {"zero_shot_acc": accuracy[0], "few_shot_acc": accuracy[int(zs.shots)],
-          "multitask_acc": multitask[0], "suite_chance": chance}
+  return {"zero_shot_acc": accuracy[0], "few_shot_acc": accuracy[shots] if shots else math.nan,
+          "multitask_acc": multitask[0], **baselines}
 
 
 def run_cell(cell: grid.Cell, seed: int, ctx: Context, scratch: str) -> dict:
@@ -319,7 +336,7 @@ def run_cell(cell: grid.Cell, seed: int, ctx: Context, scratch: str) -> dict:
     generated = name_generation(cell, tuned, ctx)
   suite = dict.fromkeys(ZERO_SHOT_COLUMNS, math.nan)
   if "zero_shot" in config:
-    suite = zero_shot_readouts(cell, seed, params, ctx, os.path.join(scratch, "multitask"))
+    suite = zero_shot_readouts(cell, seed, params, ctx)
   lengths_total = sum(cell.lengths_dict.values())
   return {
       "architecture": cell.architecture, "objective": cell.objective, "seed": seed,

@@ -31,7 +31,8 @@ CSV_COLUMNS = ("architecture", "objective", "seed", "params", "train_flops_per_t
                "train_tokens", "train_steps", "final_train_loss", "continuation_nll",
                "infill_nll", "infill_nll_with_sentinels", "name_nll", "exact_match",
                "name_chrf", "name_rouge_l", "name_bleu", "zero_shot_acc", "few_shot_acc",
-               "multitask_acc", "suite_chance", "pretrain_seconds", "cell_seconds")
+               "multitask_acc", "suite_chance", "suite_majority", "pretrain_seconds",
+               "cell_seconds")
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: str) -> None:
@@ -148,6 +149,11 @@ def significance(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[st
     if not best[column]:
       continue
     top = summary[min(best[column])]
+    finite = [e for e in summary if math.isfinite(e[column][0])]
+    if len(best[column]) == len(finite) > 1:
+      lines.append(f"* {title}: every cell has the same mean ({_fmt(*top[column], column)}); "
+                   "no ordering.")
+      continue
     name = lambda e: f"{e['architecture']}/{e['objective']}"  # pylint: disable=unnecessary-lambda-assignment
     mine = _per_seed(rows, top["architecture"], top["objective"], column)
     beaten, tied, untested = [], [], []
@@ -165,11 +171,15 @@ def significance(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[st
     if untested:
       line += f"; not testable against {', '.join(untested)} (one seed or no spread)"
     if column in ("zero_shot_acc", "few_shot_acc", "multitask_acc"):
-      chance = float(np.mean([float(r["suite_chance"]) for r in rows]))
-      above = [name(e) for e in summary if above_chance_p(_per_seed(
-          rows, e["architecture"], e["objective"], column), chance) < alpha]
-      line += (f"; above chance ({100 * chance:.1f}%) significantly: "
-               f"{', '.join(above) if above else 'none'}")
+      for baseline, what in (("suite_chance", "chance"), ("suite_majority", "the majority "
+                                                                          "baseline")):
+        if baseline not in rows[0]:
+          continue
+        level = float(np.mean([float(r[baseline]) for r in rows]))
+        above = [name(e) for e in summary if above_chance_p(_per_seed(
+            rows, e["architecture"], e["objective"], column), level) < alpha]
+        line += (f"; above {what} ({100 * level:.1f}%) significantly: "
+                 f"{', '.join(above) if above else 'none'}")
     lines.append(line + ".")
   return lines
 
@@ -189,13 +199,18 @@ def suite_table(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[str
     cells = [entry["architecture"], entry["objective"]]
     for column, _ in SUITE:
       mean, half = t_interval(_per_seed(rows, entry["architecture"], entry["objective"], column))
+      if not math.isfinite(mean):
+        cells.append("—")  # a column the config skips (module doc of objective_cells)
+        continue
       cells.append(f"{100 * mean:.1f}" + (f" [{100 * (mean - half):.1f}, "
                                           f"{100 * (mean + half):.1f}]"
                                           if math.isfinite(half) else ""))
     lines.append("| " + " | ".join(cells) + " |")
   chance = float(np.mean([float(r["suite_chance"]) for r in rows]))
+  majority = float(np.mean([float(r["suite_majority"]) for r in rows]))
   return ("\n".join(lines) + f"\n\nAccuracy in %, mean over seeds [95% Student-t interval]; "
-          f"chance is {100 * chance:.1f}%.\n")
+          f"chance is {100 * chance:.1f}%, always giving the most common answer of each task "
+          f"{100 * majority:.1f}%.\n")
 
 
 def write_markdown(summary: Sequence[Mapping[str, Any]], path: str, *, title: str,

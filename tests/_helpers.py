@@ -62,6 +62,8 @@ def subprocess_env(cache: str = SHARED_CACHE, **extra: str) -> dict[str, str]:
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
   env["JAX_PLATFORMS"] = "cpu"
+  # As in this process (conftest): tiny models compile faster than the passes would save.
+  env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"
   env.update(extra)
   return env
 

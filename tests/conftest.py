@@ -10,8 +10,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 # The tests' models are tiny: XLA's optimisation passes cost more compile time than they save
-# run time, so the suite runs without them (subprocesses that must compute bitwise what this
-# process computes get JAX_DISABLE_MOST_OPTIMIZATIONS too).
+# run time, so the suite runs without them (its subprocesses too: `_helpers.subprocess_env`
+# sets JAX_DISABLE_MOST_OPTIMIZATIONS, so they also compute bitwise what this process does).
 jax.config.update("jax_disable_most_optimizations", True)
 
 

@@ -167,9 +167,20 @@ def test_rank_classification_matches_hand_computed_loglikelihoods(kind, shots):
   assert got["acc"] == pytest.approx(np.mean(acc))
   assert got["acc_norm"] == pytest.approx(np.mean(acc_norm))
   assert got["chance"] == pytest.approx(np.mean([1 / 3, 1 / 2, 1 / 4, 1 / 2]))
+  assert got["majority"] == 0.25  # four different gold answers
   assert got["n"] == 4
   a = np.asarray(acc, float)
   assert got["acc_stderr"] == pytest.approx(np.std(a, ddof=1) / 2)
+
+
+def test_majority_baseline_counts_gold_answers_by_text():
+  yes_no = [{"prompt": str(i), "choices": ["no", "yes"], "label": int(i % 3 != 0)}
+            for i in range(9)]  # labels 0,1,1,0,1,1,0,1,1: "yes" 6 of 9
+  assert harness.majority_baseline(yes_no) == pytest.approx(6 / 9)
+  shuffled = [{"prompt": "a", "choices": ["x", "y"], "label": 0},
+              {"prompt": "b", "choices": ["y", "x"], "label": 1}]  # "x" both times
+  assert harness.majority_baseline(shuffled) == 1.0
+  assert harness.majority_baseline([{"inputs": "q", "targets": "t"}]) == 1.0
 
 
 def test_fewshot_context_and_shots_follow_lm_eval():

@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 import _helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
+import experiment_runs as runs  # pylint: disable=g-import-not-at-top,wrong-import-position
 import compare_objectives  # pylint: disable=g-import-not-at-top,wrong-import-position
 import objective_cells as cells_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import objective_grid as grid  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -25,7 +26,9 @@ import objective_report as report  # pylint: disable=g-import-not-at-top,wrong-i
 from seqlab import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from seqlab import objectives as obj  # pylint: disable=g-import-not-at-top,wrong-import-position
 from seqlab import tasks  # pylint: disable=g-import-not-at-top,wrong-import-position
+from seqlab.evaluation import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
 from seqlab.evaluation import scoring  # pylint: disable=g-import-not-at-top,wrong-import-position
+from seqlab.data import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from seqlab.data import tokenizers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CONFIG = os.path.join(ROOT, "experiments", "configs", "compare_objectives.py")
@@ -85,8 +88,11 @@ def test_smoke_run_writes_every_output_and_resumes(smoke_run, monkeypatch):
   chance = np.mean([np.mean([1 / len(e["choices"])
                              for e in tasks.get(n).examples("validation")[:limit]])
                     for n in heldout])
+  majority = np.mean([harness.majority_baseline(tasks.get(n).examples("validation")[:limit])
+                      for n in heldout])
   for row in rows:
     assert float(row["suite_chance"]) == pytest.approx(chance, rel=1e-5)
+    assert float(row["suite_majority"]) == pytest.approx(majority, rel=1e-5)
     for column in ("zero_shot_acc", "few_shot_acc", "multitask_acc"):
       # A mean over tasks of correct / examples: a multiple of 1 / (tasks x limit) here.
       value = float(row[column]) * len(heldout) * limit
@@ -191,8 +197,7 @@ def test_a_cell_killed_mid_pretraining_resumes_to_the_same_row(smoke_run, tmp_pa
   checkpoints = tmp_path / "scratch" / "smoke" / cell / "pretrain" / "checkpoints"
   # The killed process compiles as this process does (conftest), so its steps are the ones the
   # in-process rerun and the smoke run compute.
-  env = _helpers.subprocess_env(JAX_DEFAULT_MATMUL_PRECISION="highest",
-                                JAX_DISABLE_MOST_OPTIMIZATIONS="true")
+  env = _helpers.subprocess_env(JAX_DEFAULT_MATMUL_PRECISION="highest")
   with open(tmp_path / "killed.err", "w") as err:
     paused = subprocess.Popen([sys.executable, "-c", _PAUSED_AT_BATCH_3, *argv],
                               cwd=_helpers.ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
@@ -216,6 +221,49 @@ def test_a_cell_killed_mid_pretraining_resumes_to_the_same_row(smoke_run, tmp_pa
 
   want, got = row(smoke_run[2]), row(tmp_path / "smoke")
   assert set(got) == set(want)
+  for field in sorted(set(want) - set(WALL_TIME_FIELDS)):
+    assert got[field] == want[field], field
+
+
+def test_a_sigterm_stops_the_grid_with_143_and_the_rerun_resumes_to_the_same_row(
+    smoke_run, tmp_path, monkeypatch, capsys):
+  """SIGTERM while the second pretraining batch is drawn: the engine saves step 2, the grid
+  exits 143 without writing the cell, and the rerun continues to the uninterrupted row."""
+  cell = "causal_decoder__span_corruption__seed0"
+  argv = ["--config", CONFIG + ":smoke", "--workdir", str(tmp_path), "--scratch",
+          str(tmp_path / "scratch"), "--config.grid.objectives=span_corruption",
+          "--config.readouts.num_sequences=5"]
+  make_pipeline = pipeline_lib.make_pipeline
+
+  class TermAtBatch2:
+    def __init__(self, it):
+      self.it, self.drawn = it, 0
+
+    def __next__(self):
+      self.drawn += 1
+      if self.drawn == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return next(self.it)
+
+    def __getattr__(self, name):
+      return getattr(self.it, name)
+
+  monkeypatch.setattr(pipeline_lib, "make_pipeline",
+                      lambda *a, **k: TermAtBatch2(make_pipeline(*a, **k)))
+  with pytest.raises(SystemExit) as stopped:
+    compare_objectives.main(argv)
+  assert stopped.value.code == runs.PREEMPTED_EXIT == 143
+  assert "preempted (causal_decoder/span_corruption seed 0) at step 2" in capsys.readouterr().err
+  checkpoints = tmp_path / "scratch" / "smoke" / cell / "pretrain" / "checkpoints"
+  assert sorted(p.name for p in checkpoints.iterdir()) == ["2"]
+  assert not (tmp_path / "smoke" / "cells" / f"{cell}.json").exists()
+  monkeypatch.setattr(pipeline_lib, "make_pipeline", make_pipeline)
+  compare_objectives.main(argv)
+  assert "resuming from step 2" in capsys.readouterr().err
+  with open(os.path.join(smoke_run[2], "cells", f"{cell}.json")) as f:
+    want = json.load(f)["row"]
+  with open(tmp_path / "smoke" / "cells" / f"{cell}.json") as f:
+    got = json.load(f)["row"]
   for field in sorted(set(want) - set(WALL_TIME_FIELDS)):
     assert got[field] == want[field], field
 
@@ -508,6 +556,9 @@ def test_significance_names_the_orderings_that_hold():
   assert f"not significantly better than c/o (p={p_c:.2g})" in line
   # Above chance (one-sided t over seeds): a and b; c's spread and d's mean keep them out.
   assert line.endswith("above chance (25.0%) significantly: a/o, b/o.")
+  tied = rows("a", [0.3, 0.3]) + rows("b", [0.3, 0.3])
+  assert report.significance(tied, report.aggregate(tied, [("a", "o"), ("b", "o")])) == [
+      "* (d) zero-shot acc ↑: every cell has the same mean (30.0 ± 0.0); no ordering."]
 
 
 def test_names_are_scored_with_seqlab_metrics():

@@ -14,7 +14,7 @@ from etils import epath
 from etils.epath import backend as epath_backend
 from fsspec.implementations.memory import MemoryFileSystem
 
-from seqlab import checkpoint, cli, monitor
+from seqlab import checkpoint, loop, monitor
 from seqlab import workdir as workdir_lib
 
 
@@ -66,10 +66,10 @@ def test_metric_writer_mirrors_and_resumes_on_a_bucket(bucket):
 
 def test_saved_config_is_read_from_a_bucket(bucket):
   with pytest.raises(ValueError, match="has no config.json"):
-    cli._saved_config(bucket)  # pylint: disable=protected-access
+    loop.saved_config(bucket)
   workdir_lib.write_text(workdir_lib.join(bucket, "config.json"),
                          json.dumps({"seed": 7, "model": {"preset": "gpt-tiny"}}))
-  config = cli._saved_config(bucket)  # pylint: disable=protected-access
+  config = loop.saved_config(bucket)
   assert config.seed == 7 and config.model.preset == "gpt-tiny"
 
 

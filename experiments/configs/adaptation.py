@@ -36,6 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   for section in ("data", "model", "optimizer", "readouts", "mesh", "distributed"):
     c[section] = base[section]
+  if arg == "quick":  # readouts on twice the grid's held-out chunks: six targets, not twenty
+    c.readouts.num_sequences = 256
   c.adaptation = ml_collections.ConfigDict(dict(names="nc_mlm,flm,ul2r", num_seeds=3))
   # Every training (from scratch or adapted) runs `steps` steps with the same optimizer and
   # schedule; a source model is its cell's from-scratch run. The held-out loss of the target

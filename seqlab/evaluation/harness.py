@@ -14,8 +14,8 @@ tokens (lm-evaluation-harness's `_encode_pair`).
 
 Rank classification reports `acc` (argmax of the log-likelihoods), `acc_norm` (argmax of the
 log-likelihood per character of the choice, lm-evaluation-harness's length normalisation),
-their standard errors (sample standard deviation / sqrt(n)) and the chance level (the mean of
-1 / number of choices). Few-shot examples are drawn per evaluated example with the generator
+their standard errors (sample standard deviation / sqrt(n)), the chance level (the mean of
+1 / number of choices) and the majority baseline (always the most common gold answer). Few-shot examples are drawn per evaluated example with the generator
 `numpy.random.default_rng([seed, index])` from the task's few-shot split (never the example
 itself), so a result does not depend on the order or number of examples evaluated.
 Generation tasks decode greedily and are scored with `seqlab.metrics`.
@@ -215,12 +215,22 @@ def _stderr(values: np.ndarray) -> float:
   return float(np.std(values, ddof=1) / np.sqrt(values.size)) if values.size > 1 else 0.0
 
 
+def majority_baseline(examples: Sequence[Mapping[str, Any]]) -> float:
+  """The accuracy of always giving the most common gold answer (by its text): the bar a
+  constant guess clears when labels are unbalanced (a yes/no task that is 60% "yes")."""
+  answers = [answer(e) for e in examples]
+  if not answers:
+    return 0.0
+  return max(answers.count(a) for a in set(answers)) / len(answers)
+
+
 def rank_classification(model: LanguageModel, examples: Sequence[Mapping[str, Any]], *,
                         num_shots: int = 0, fewshot_pool: Sequence[Mapping[str, Any]] = (),
                         seed: int = 1234, description: str = "", batch_size: int = 8,
                         target_delimiter: str = TARGET_DELIMITER,
                         fewshot_delimiter: str = FEWSHOT_DELIMITER) -> dict[str, float]:
-  """acc, acc_norm, their standard errors, chance and n of multiple-choice `examples`."""
+  """acc, acc_norm, their standard errors, chance, the majority baseline and n of
+  multiple-choice `examples`."""
   requests, spans, lengths = [], [], []
   for index, example in enumerate(examples):
     choices = list(example["choices"])
@@ -249,7 +259,8 @@ def rank_classification(model: LanguageModel, examples: Sequence[Mapping[str, An
   acc, acc_norm = np.asarray(acc), np.asarray(acc_norm)
   return {"acc": float(acc.mean()), "acc_stderr": _stderr(acc),
           "acc_norm": float(acc_norm.mean()), "acc_norm_stderr": _stderr(acc_norm),
-          "chance": float(np.mean(chance)), "n": float(len(spans))}
+          "chance": float(np.mean(chance)), "majority": majority_baseline(examples),
+          "n": float(len(spans))}
 
 
 GENERATION_METRICS = ("exact_match", "chrf", "rouge_l", "bleu")
@@ -305,7 +316,7 @@ def evaluate_tasks(model: LanguageModel, names: Sequence[str], *, shots: Sequenc
 
   One row per (task, number of shots): the task's metrics (rank classification for a choice
   task, `generation` for a generation task) with "task", "shots"; then per number of shots a
-  row with task "mean" averaging acc and chance over the choice tasks. `limit` keeps the first
+  row with task "mean" averaging acc, acc_norm, chance and majority over the choice tasks. `limit` keeps the first
   examples of each validation split.
   """
   from seqlab import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
@@ -331,5 +342,6 @@ def evaluate_tasks(model: LanguageModel, names: Sequence[str], *, shots: Sequenc
                    "acc": float(np.mean([r["acc"] for r in choice])),
                    "acc_norm": float(np.mean([r["acc_norm"] for r in choice])),
                    "chance": float(np.mean([r["chance"] for r in choice])),
+                   "majority": float(np.mean([r["majority"] for r in choice])),
                    "tasks": float(len(choice))})
   return rows
