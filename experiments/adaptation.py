@@ -60,7 +60,6 @@ from seqlab import metrics as metrics_lib
 from seqlab import train as train_lib
 from seqlab.data import pipeline as pipeline_lib
 from seqlab.data import sources as sources_lib
-from seqlab.data import tokenizers as tokenizers_lib
 from seqlab.validation import check_int
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -186,38 +185,42 @@ class Runner:
     if record is not None:
       return record
     cell, seed = training.cell, training.seed
-    held_out = self.losses[cell.name]
     curve = []
-    if training.source is None:
-      result = cells_lib.pretrain(cell, seed, self.ctx, os.path.join(self.scratch, training.name),
-                                  evaluate=held_out)
-    else:
+    if training.source is not None:
       start = self.scratch_params(training.source, seed)
       replicated = jax.device_put(start, NamedSharding(self.mesh, P()))
-      curve.append((0, held_out.loss(replicated)))
-      result = cells_lib.pretrain(
-          cell, seed, self.ctx, os.path.join(self.scratch, training.name), params=start,
-          data_seed=seed + ADAPTED_DATA_SEED, evaluate=held_out,
-          inputs={"source": training.source.name})
+      curve.append((0, self.losses[cell.name].loss(replicated)))
+    result, params = self._train(training)
     curve += [(int(h["step"]), float(h["eval/loss"])) for h in result.history
               if "eval/loss" in h]
-    params = runs.host_params(result.state.params)
-    if training.source is None:
-      self.params[(cell.name, seed)] = params
     record = {"curve": curve, "final_train_loss": result.final_loss(),
               **cells_lib.heldout_readouts(cell, params, self.ctx)}
     runs.save_finished(path, self.fingerprint, record)
     return record
 
+  def _train(self, training: Training):
+    """(engine result, host parameters) of `training`, trained in its work directory (or read
+    back from it); a from-scratch run's parameters are kept for the adaptations from it."""
+    cell, seed = training.cell, training.seed
+    workdir = os.path.join(self.scratch, training.name)
+    if training.source is None:
+      result = cells_lib.pretrain(cell, seed, self.ctx, workdir, evaluate=self.losses[cell.name])
+    else:
+      result = cells_lib.pretrain(
+          cell, seed, self.ctx, workdir, params=self.scratch_params(training.source, seed),
+          data_seed=seed + ADAPTED_DATA_SEED, evaluate=self.losses[cell.name],
+          inputs={"source": training.source.name})
+    params = runs.host_params(result.state.params)
+    if training.source is None:
+      self.params[(cell.name, seed)] = params
+    return result, params
+
   def scratch_params(self, cell: grid.Cell, seed: int):
     """A from-scratch run's final parameters (read back from its work directory, or retrained
     there to the same values when a finished record's work directory is gone)."""
-    key = (cell.name, seed)
-    if key not in self.params:
-      result = cells_lib.pretrain(cell, seed, self.ctx, os.path.join(
-          self.scratch, Training(cell, seed).name), evaluate=self.losses[cell.name])
-      self.params[key] = runs.host_params(result.state.params)
-    return self.params[key]
+    if (cell.name, seed) not in self.params:
+      self._train(Training(cell, seed))
+    return self.params[(cell.name, seed)]
 
 
 def rows_of(config, cells, records: dict[str, dict]) -> list[dict]:
@@ -323,13 +326,9 @@ def plot(config, cells, records: dict[str, dict], path: str) -> None:
   plt.close(fig)
 
 
-def tokenizer_of(config: ml_collections.ConfigDict):
-  return tokenizers_lib.get_tokenizer(config.data.tokenizer, **dict(config.data.tokenizer_kwargs))
-
-
 def run(config: ml_collections.ConfigDict, run_dir: str, *, spec: str = "") -> list[dict]:
   """Runs (or resumes) every training; writes every output; returns results.csv's rows."""
-  tokenizer = tokenizer_of(config)
+  tokenizer = loop.make_tokenizer(config)
   cells = plan(config, tokenizer.special_ids)  # every ValueError before any training
   is_writer = jax.process_index() == 0
   if is_writer:

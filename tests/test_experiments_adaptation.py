@@ -14,6 +14,7 @@ import adaptation  # pylint: disable=g-import-not-at-top,wrong-import-position
 import experiment_runs as runs  # pylint: disable=g-import-not-at-top,wrong-import-position
 import objective_cells as cells_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from seqlab import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from seqlab import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs",
                       "adaptation.py")
@@ -79,7 +80,7 @@ def test_smoke_run_end_to_end(tmp_path, monkeypatch):
 
   # The adapted run's step-0 loss is the source model's loss on the target's held-out batches.
   config = config_lib.load_config(CONFIG + ":smoke")
-  tokenizer = adaptation.tokenizer_of(config)
+  tokenizer = loop.make_tokenizer(config)
   cells = adaptation.plan(config, tokenizer.special_ids)
   runner = adaptation.Runner(config, run_dir, cells, tokenizer)
   source, target = (cells[c] for c in adaptation.ADAPTATIONS["nc_mlm"])
@@ -117,7 +118,7 @@ def test_bad_config_exits_2_with_one_line(tmp_path, capsys, override, match):
 def test_every_config_plans():
   for arg, cells in (("quick", 3), ("smoke", 2), ("gpu", 3)):
     config = config_lib.load_config(f"{CONFIG}:{arg}")
-    special = adaptation.tokenizer_of(config).special_ids
+    special = loop.make_tokenizer(config).special_ids
     assert sorted(adaptation.plan(config, special)) == sorted(
         {c for name in adaptation.adaptation_names(config)
          for c in adaptation.ADAPTATIONS[name]})
