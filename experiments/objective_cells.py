@@ -293,9 +293,9 @@ def zero_shot_readouts(cell: grid.Cell, seed: int, params, ctx: Context) -> dict
   (e) zero-shot accuracy on them after multitask fine-tuning on the training types (every
   type at an equal rate, `zero_shot.multitask_steps` steps, the fine-tuning optimizer of (c)).
   `zero_shot.shots` 0 skips the few-shot column (NaN)."""
-  zs, ft = ctx.config.zero_shot, ctx.config.finetune
-  if not ctx.has_suite:
+  if not ctx.has_suite:  # no zero_shot section, or a corpus without a suite
     return dict.fromkeys(ZERO_SHOT_COLUMNS, math.nan)
+  zs, ft = ctx.config.zero_shot, ctx.config.finetune
   model = language_model(cell, params, ctx)
   shots = int(zs.shots)
   accuracy, baselines = suite_accuracy(model, ctx, (0, shots) if shots else (0,))
@@ -334,9 +334,7 @@ def run_cell(cell: grid.Cell, seed: int, ctx: Context, scratch: str) -> dict:
     name_nll = _mean_nll(cell, tuned, ctx, _naming_examples(ctx, cell, ctx.naming_eval),
                          "seq2seq")
     generated = name_generation(cell, tuned, ctx)
-  suite = dict.fromkeys(ZERO_SHOT_COLUMNS, math.nan)
-  if "zero_shot" in config:
-    suite = zero_shot_readouts(cell, seed, params, ctx)
+  suite = zero_shot_readouts(cell, seed, params, ctx)
   lengths_total = sum(cell.lengths_dict.values())
   return {
       "architecture": cell.architecture, "objective": cell.objective, "seed": seed,
