@@ -177,7 +177,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, spec: str = "",
     report.write_markdown(summary, os.path.join(run_dir, "results.md"), title=title,
                           notes=notes(config, rows, spec),
                           significance_lines=report.significance(rows, summary),
-                          suite=report.suite_table(rows, summary))
+                          suite=report.suite_table(rows, summary),
+                          tasks=report.task_table(rows, summary))
     report.plot(summary, os.path.join(run_dir, "results.png"), title=title)
     print(report.markdown_table(summary), flush=True)
   return summary

@@ -17,6 +17,7 @@ import os
 import re
 import time
 import zlib
+from typing import Any
 
 import jax
 import ml_collections
@@ -277,28 +278,36 @@ def language_model(cell: grid.Cell, params, ctx: Context) -> harness.LanguageMod
 
 
 def suite_accuracy(model: harness.LanguageModel, ctx: Context, shots
-                   ) -> tuple[dict[int, float], dict[str, float]]:
-  """Mean rank-classification accuracy over the held-out task types per number of shots, and
-  the baselines: chance (the mean of 1 / number of choices) and majority (always the most
-  common gold answer)."""
+                   ) -> tuple[dict[int, float], dict[str, float], dict[int, dict[str, list]]]:
+  """Mean rank-classification accuracy over the held-out task types per number of shots, the
+  baselines (chance: the mean of 1 / number of choices; majority: always the most common gold
+  answer) and per number of shots each type's [correct, examples, chance] (the counts pool
+  over seeds)."""
   zs = ctx.config.zero_shot
   rows = harness.evaluate_tasks(model, ctx.suite["heldout"], shots=shots, limit=int(zs.limit),
                                 seed=int(zs.seed), batch_size=int(zs.batch_size))
+  per_task: dict[int, dict[str, list]] = {}
+  for r in rows:
+    if r["task"] != "mean":
+      per_task.setdefault(r["shots"], {})[r["task"].split("/")[-1]] = [
+          int(round(r["acc"] * r["n"])), int(r["n"]), r["chance"]]
   return ({r["shots"]: r["acc"] for r in rows if r["task"] == "mean"},
-          {"suite_chance": rows[-1]["chance"], "suite_majority": rows[-1]["majority"]})
+          {"suite_chance": rows[-1]["chance"], "suite_majority": rows[-1]["majority"]},
+          per_task)
 
 
-def zero_shot_readouts(cell: grid.Cell, seed: int, params, ctx: Context) -> dict[str, float]:
+def zero_shot_readouts(cell: grid.Cell, seed: int, params, ctx: Context) -> dict[str, Any]:
   """(d) zero- and few-shot accuracy on the held-out task types of the pretrained model;
   (e) zero-shot accuracy on them after multitask fine-tuning on the training types (every
   type at an equal rate, `zero_shot.multitask_steps` steps, the fine-tuning optimizer of (c)).
-  `zero_shot.shots` 0 skips the few-shot column (NaN)."""
+  `zero_shot.shots` 0 skips the few-shot column (NaN). "suite_tasks" holds each held-out
+  type's [correct, examples, chance] per readout ("zero_shot", "few_shot", "multitask")."""
   if not ctx.has_suite:  # no zero_shot section, or a corpus without a suite
     return dict.fromkeys(ZERO_SHOT_COLUMNS, math.nan)
   zs, ft = ctx.config.zero_shot, ctx.config.finetune
   model = language_model(cell, params, ctx)
   shots = int(zs.shots)
-  accuracy, baselines = suite_accuracy(model, ctx, (0, shots) if shots else (0,))
+  accuracy, baselines, per_task = suite_accuracy(model, ctx, (0, shots) if shots else (0,))
   mixture = tasks_lib.Mixture("suite_train", tuple(ctx.suite["train"]),
                               (1.0,) * len(ctx.suite["train"]))
   steps = int(zs.multitask_steps)
@@ -308,9 +317,12 @@ def zero_shot_readouts(cell: grid.Cell, seed: int, params, ctx: Context) -> dict
       optimizer=optimizer_config(ft, steps), num_examples=int(zs.max_examples), seed=seed,
       mesh=loop.make_mesh(ctx.config), label=f"{cell.name} seed {seed} multitask")
   runs.stop_if_preempted(result, f"{cell.name} seed {seed} multitask")
-  multitask, _ = suite_accuracy(tuned, ctx, (0,))
+  multitask, _, tuned_tasks = suite_accuracy(tuned, ctx, (0,))
+  tasks = {"zero_shot": per_task[0], "multitask": tuned_tasks[0]}
+  if shots:
+    tasks["few_shot"] = per_task[shots]
   return {"zero_shot_acc": accuracy[0], "few_shot_acc": accuracy[shots] if shots else math.nan,
-          "multitask_acc": multitask[0], **baselines}
+          "multitask_acc": multitask[0], **baselines, "suite_tasks": tasks}
 
 
 def run_cell(cell: grid.Cell, seed: int, ctx: Context, scratch: str) -> dict:

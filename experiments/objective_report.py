@@ -213,15 +213,60 @@ def suite_table(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[str
           f"{100 * majority:.1f}%.\n")
 
 
+def binomial_p(correct: int, n: int, chance: float) -> float:
+  """One-sided exact binomial p-value of at least `correct` right answers out of `n` when
+  each is right with probability `chance`."""
+  return float(stats.binomtest(correct, n, chance, alternative="greater").pvalue) if n else math.nan
+
+
+TASK_READOUTS = (("zero_shot", "(d) zero-shot"), ("few_shot", "(d) few-shot"),
+                 ("multitask", "(e) after multitask"))
+
+
+def task_table(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[str, Any]],
+               alpha: float = 0.05) -> str:
+  """Each held-out task type per cell: accuracy (%) pooled over seeds (right answers / examples
+  of every seed) and the one-sided exact binomial p-value against the type's chance level;
+  accuracies significantly above chance at `alpha` are **bold**. Empty when the rows hold no
+  per-type counts."""
+  if not all(isinstance(r.get("suite_tasks"), Mapping) for r in rows) or not rows:
+    return ""
+  readouts = [(k, t) for k, t in TASK_READOUTS if k in rows[0]["suite_tasks"]]
+  types = list(rows[0]["suite_tasks"]["zero_shot"])
+  header = ["architecture", "objective", "readout", *types]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  chance = {}
+  for entry in summary:
+    mine = [r for r in rows
+            if (r["architecture"], r["objective"]) == (entry["architecture"], entry["objective"])]
+    for key, title in readouts:
+      cells = [entry["architecture"], entry["objective"], title]
+      for t in types:
+        counts = [r["suite_tasks"][key][t] for r in mine]
+        correct, n = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        chance[t] = counts[0][2]
+        p = binomial_p(correct, n, chance[t])
+        text = f"{100 * correct / n:.1f} (p={p:.2g})"
+        cells.append(f"**{text}**" if p < alpha else text)
+      lines.append("| " + " | ".join(cells) + " |")
+  n_per_seed = {t: rows[0]["suite_tasks"]["zero_shot"][t][1] for t in types}
+  levels = ", ".join(f"{t} {100 * chance[t]:.1f}% ({n_per_seed[t]} examples per seed)"
+                     for t in types)
+  return ("\n".join(lines) + "\n\nAccuracy in % over every seed's examples; p: one-sided exact "
+          f"binomial test against chance, **bold** below {alpha:g}. Chance: {levels}.\n")
+
+
 def write_markdown(summary: Sequence[Mapping[str, Any]], path: str, *, title: str,
-                   notes: str, significance_lines: Sequence[str] = (), suite: str = ""
-                   ) -> None:
+                   notes: str, significance_lines: Sequence[str] = (), suite: str = "",
+                   tasks: str = "") -> None:
   """results.md: a title, the table, and `notes` (what the readouts are, how it was run)."""
   with open(path, "w") as f:
     f.write(f"# {title}\n\n")
     f.write(markdown_table(summary))
     if suite:
       f.write("\n## Zero-shot and few-shot on the held-out task types\n\n" + suite)
+    if tasks:
+      f.write("\n### Per held-out task type\n\n" + tasks)
     f.write("\n" + notes.strip() + "\n")
     if significance_lines:
       f.write("\nWhich orderings are significant (Welch's t-test over seeds, two-sided, 5%):\n\n")

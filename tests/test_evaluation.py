@@ -173,6 +173,26 @@ def test_rank_classification_matches_hand_computed_loglikelihoods(kind, shots):
   assert got["acc_stderr"] == pytest.approx(np.std(a, ddof=1) / 2)
 
 
+@pytest.mark.parametrize("kind", ["causal", "prefix", "encoder_decoder"])
+def test_acc_mutual_info_subtracts_each_choices_unconditional_loglikelihood(kind):
+  # lm-evaluation-harness's acc_mutual_info: argmax of ll(choice | prompt) - ll(choice | "").
+  model = _language_model(kind)
+  got = harness.rank_classification(model, EXAMPLES, mutual_info=True)
+  correct, margins = [], []
+  for example in EXAMPLES:
+    def ll(context, choice):
+      return oracle(model.model_cfg, model.params, model.fmt, TOKENIZER.encode(context).tolist(),
+                    TOKENIZER.encode(" " + choice).tolist(), mode_id=model.mode_id)[0]
+    mi = [ll(example["prompt"], c) - ll("", c) for c in example["choices"]]
+    correct.append(np.argmax(mi) == example["label"])
+    margins.append(np.sort(mi)[-1] - np.sort(mi)[-2])
+  assert min(margins) > 1e-4  # no near-tie that float32 could flip
+  assert got["acc_mutual_info"] == pytest.approx(np.mean(correct))
+  c = np.asarray(correct, float)
+  assert got["acc_mutual_info_stderr"] == pytest.approx(np.std(c, ddof=1) / 2)
+  assert "acc_mutual_info" not in harness.rank_classification(model, EXAMPLES)
+
+
 def test_majority_baseline_counts_gold_answers_by_text():
   yes_no = [{"prompt": str(i), "choices": ["no", "yes"], "label": int(i % 3 != 0)}
             for i in range(9)]  # labels 0,1,1,0,1,1,0,1,1: "yes" 6 of 9

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -103,8 +104,21 @@ def test_smoke_run_writes_every_output_and_resumes(smoke_run, monkeypatch):
   with open(os.path.join(run_dir, "results.md")) as f:
     text = f.read()
   main_table, _, rest = text.partition("## Zero-shot and few-shot on the held-out task types")
-  suite_table = [line for line in rest.splitlines() if line.startswith("|")]
+  suite_part, _, task_part = rest.partition("### Per held-out task type")
+  suite_table = [line for line in suite_part.splitlines() if line.startswith("|")]
   assert len(suite_table) == 2 + len(expected_cells)
+  # Per type: the counts in the cell files average to the row's accuracy; one table line per
+  # cell and readout (zero-shot, few-shot, multitask), pooled over seeds.
+  cell_rows = [json.load(open(os.path.join(run_dir, "cells", name)))["row"]
+               for name in sorted(os.listdir(os.path.join(run_dir, "cells")))]
+  for row in cell_rows:
+    for key, column in (("zero_shot", "zero_shot_acc"), ("few_shot", "few_shot_acc"),
+                        ("multitask", "multitask_acc")):
+      counts = row["suite_tasks"][key]
+      assert sorted(counts) == sorted(n.split("/")[-1] for n in heldout)
+      assert np.mean([c / n for c, n, _ in counts.values()]) == pytest.approx(row[column])
+  task_table = [line for line in task_part.splitlines() if line.startswith("|")]
+  assert len(task_table) == 2 + 3 * len(expected_cells)
   assert f"chance is {100 * chance:.1f}%" in rest
   assert "Which orderings are significant" in rest
   table = [line for line in main_table.splitlines() if line.startswith("|")]
@@ -559,6 +573,36 @@ def test_significance_names_the_orderings_that_hold():
   tied = rows("a", [0.3, 0.3]) + rows("b", [0.3, 0.3])
   assert report.significance(tied, report.aggregate(tied, [("a", "o"), ("b", "o")])) == [
       "* (d) zero-shot acc ↑: every cell has the same mean (30.0 ± 0.0); no ordering."]
+
+
+def test_task_table_pools_seeds_and_tests_each_type_against_its_chance():
+  def row(arch, seed, docstring, returns):
+    return {"architecture": arch, "objective": "o", "seed": seed, "params": 1,
+            "train_flops_per_token": 1.0, "zero_shot_acc": 0.0,
+            "suite_tasks": {"zero_shot": {"docstring": [docstring, 40, 0.25],
+                                          "returns": [returns, 40, 0.5]},
+                            "multitask": {"docstring": [10, 40, 0.25],
+                                          "returns": [20, 40, 0.5]}}}
+
+  data = [row("a", 0, 16, 21), row("a", 1, 18, 19), row("b", 0, 10, 30), row("b", 1, 9, 31)]
+  summary = report.aggregate(data, [("a", "o"), ("b", "o")])
+  lines = [l for l in report.task_table(data, summary).splitlines() if l.startswith("|")]
+  assert lines[0] == "| architecture | objective | readout | docstring | returns |"
+  assert len(lines) == 2 + 2 * 2  # header, separator, (d) and (e) per cell
+
+  def tail(k, n, p):  # P(X >= k), X ~ Binomial(n, p), summed by hand
+    return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))
+
+  # a: docstring 34 of 80 against 1/4 (significant), returns 40 of 80 against 1/2 (not).
+  p_doc, p_ret = tail(34, 80, 0.25), tail(40, 80, 0.5)
+  assert p_doc < 0.05 < p_ret
+  assert lines[2] == (f"| a | o | (d) zero-shot | **42.5 (p={p_doc:.2g})** | "
+                      f"50.0 (p={p_ret:.2g}) |")
+  assert lines[4].startswith("| b | o | (d) zero-shot | 23.8 (p=")
+  assert f"**76.2 (p={tail(61, 80, 0.5):.2g})**" in lines[4]
+  assert lines[3].startswith("| a | o | (e) after multitask | 25.0 (p=")
+  assert report.task_table([{k: v for k, v in data[0].items() if k != "suite_tasks"}],
+                           summary[:1]) == ""  # rows from before per-type counts
 
 
 def test_names_are_scored_with_seqlab_metrics():

@@ -4,7 +4,7 @@ Run:     python experiments/compare_objectives.py \
              --config experiments/configs/compare_objectives.py:quick \
              --workdir results/compare_objectives
          (`make reproduce` runs exactly this; rerunning resumes finished cells.)
-Args:    quick (default), smoke, gpu, pod.
+Args:    quick (default), smoke, standard, gpu, pod.
 
 quick    Byte-level stdlib corpus, 128-token rows, d_model 96, 2 layers per stack, 10 cells
          (causal/prefix decoder and encoder-decoder x full LM / prefix LM / span corruption /
@@ -20,6 +20,14 @@ quick    Byte-level stdlib corpus, 128-token rows, d_model 96, 2 layers per stac
          33.3% and a majority baseline of 30.2%): at this size and row length no zero-shot
          ability exists to compare, and results.md says so cell by cell.
 smoke    Two cells, one seed, a few steps, tiny model: checks the plumbing in ~30 s (tests).
+standard The CPU study that can show zero-shot ability: 5 cells (causal decoder + full LM,
+         prefix decoder + prefix LM, prefix decoder + span corruption ("non-causal MLM"),
+         encoder-decoder + span corruption, causal decoder + UL2) x 2 seeds, 256-token rows,
+         d_model 128, 4 layers per stack, 450 steps of batch 16 (1.8M tokens per cell); (d)
+         and (e) on up to 200 examples per held-out type, reported per type with exact
+         binomial tests against chance (pooled over seeds).
+         Time: STANDARD_TIME.
+         Expect: STANDARD_EXPECT
 gpu      d_model 512, 6 layers per stack, 512-token rows, 12 cells incl. span_prefix_lm,
          3 seeds, 3,000 steps of batch 64 (~98M tokens per cell).
          Time: about an hour on one H100-class GPU (bfloat16). Expect: the same ordering with
@@ -32,7 +40,7 @@ pod      A TPU slice: SentencePiece vocabulary (32k, 256 sentinels) trained on t
 
 import ml_collections
 
-ARGS = ("quick", "smoke", "gpu", "pod")
+ARGS = ("quick", "smoke", "standard", "gpu", "pod")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -111,6 +119,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                             max_choice_chars=20, batch_size=8, multitask_steps=2,
                             multitask_batch_size=4))
     c.output.progress = False
+  elif arg == "standard":
+    # Wang et al.'s three contenders (causal FLM, non-causal MLM, encoder-decoder MLM), the
+    # prefix LM and UL2 on the causal decoder: the grid minus these seven cells.
+    c.grid.skip = ",".join([
+        "prefix_decoder/full_lm", "encoder_decoder/full_lm", "causal_decoder/prefix_lm",
+        "encoder_decoder/prefix_lm", "causal_decoder/span_corruption", "prefix_decoder/ul2",
+        "encoder_decoder/ul2"])
+    c.data.seq_length = 256
+    c.model.update(dict(d_model=128, num_heads=4, head_dim=32, d_ff=384, num_layers=4))
+    c.optimizer.warmup_steps = 40
+    c.train.steps = 450
+    c.readouts.update(dict(chunk_length=88, num_sequences=256))
+    c.finetune.update(dict(steps=40, max_body_bytes=192, num_eval=256))
+    # Rows of 256 bytes hold a function but no in-context example beside it: zero-shot only.
+    c.zero_shot.update(dict(shots=0, limit=200, max_documents=200, max_examples=300,
+                            max_choice_chars=96, multitask_steps=60))
   elif arg == "gpu":
     c.grid.objectives = "full_lm,prefix_lm,span_corruption,ul2,span_prefix_lm"
     c.grid.num_seeds = 3

@@ -14,8 +14,12 @@ tokens (lm-evaluation-harness's `_encode_pair`).
 
 Rank classification reports `acc` (argmax of the log-likelihoods), `acc_norm` (argmax of the
 log-likelihood per character of the choice, lm-evaluation-harness's length normalisation),
-their standard errors (sample standard deviation / sqrt(n)), the chance level (the mean of
-1 / number of choices) and the majority baseline (always the most common gold answer). Few-shot examples are drawn per evaluated example with the generator
+optionally `acc_mutual_info` (argmax of log p(choice | context) - log p(choice | ""),
+lm-evaluation-harness's metric of that name: it removes each choice's prior probability, the
+bias that dominates small models), their standard errors (sample standard deviation /
+sqrt(n)), the chance level (the mean of 1 / number of choices) and the majority baseline
+(always the most common gold answer). Few-shot examples are drawn per evaluated example with
+the generator
 `numpy.random.default_rng([seed, index])` from the task's few-shot split (never the example
 itself), so a result does not depend on the order or number of examples evaluated.
 Generation tasks decode greedily and are scored with `seqlab.metrics`.
@@ -228,9 +232,10 @@ def rank_classification(model: LanguageModel, examples: Sequence[Mapping[str, An
                         num_shots: int = 0, fewshot_pool: Sequence[Mapping[str, Any]] = (),
                         seed: int = 1234, description: str = "", batch_size: int = 8,
                         target_delimiter: str = TARGET_DELIMITER,
-                        fewshot_delimiter: str = FEWSHOT_DELIMITER) -> dict[str, float]:
-  """acc, acc_norm, their standard errors, chance, the majority baseline and n of
-  multiple-choice `examples`."""
+                        fewshot_delimiter: str = FEWSHOT_DELIMITER,
+                        mutual_info: bool = False) -> dict[str, float]:
+  """acc, acc_norm (and with `mutual_info` acc_mutual_info), their standard errors, chance,
+  the majority baseline and n of multiple-choice `examples`."""
   requests, spans, lengths = [], [], []
   for index, example in enumerate(examples):
     choices = list(example["choices"])
@@ -248,18 +253,32 @@ def rank_classification(model: LanguageModel, examples: Sequence[Mapping[str, An
       lengths.append(len(target_delimiter + choice))
   if not spans:
     raise ValueError("no examples to evaluate")
+  num_conditional = len(requests)
+  if mutual_info:
+    # lm-evaluation-harness's unconditional requests: ("", delimiter + choice), each choice
+    # text once (a yes/no task asks two).
+    priors = {c: None for e in examples for c in e["choices"]}
+    requests.extend(model.encode_pair("", target_delimiter + c) for c in priors)
   logprobs = np.asarray([s.logprob for s in model.scorer(batch_size=batch_size).score(requests)])
+  if mutual_info:
+    priors = dict(zip(priors, logprobs[num_conditional:]))
   lengths = np.asarray(lengths, np.float64)
-  acc, acc_norm, chance = [], [], []
-  for start, n, label in spans:
+  correct = {"acc": [], "acc_norm": [], "acc_mutual_info": []}
+  chance = []
+  for (start, n, label), example in zip(spans, examples):
     ll = logprobs[start:start + n]
-    acc.append(float(np.argmax(ll) == label))
-    acc_norm.append(float(np.argmax(ll / lengths[start:start + n]) == label))
+    correct["acc"].append(float(np.argmax(ll) == label))
+    correct["acc_norm"].append(float(np.argmax(ll / lengths[start:start + n]) == label))
+    if mutual_info:
+      prior = np.asarray([priors[c] for c in example["choices"]])
+      correct["acc_mutual_info"].append(float(np.argmax(ll - prior) == label))
     chance.append(1.0 / n)
-  acc, acc_norm = np.asarray(acc), np.asarray(acc_norm)
-  return {"acc": float(acc.mean()), "acc_stderr": _stderr(acc),
-          "acc_norm": float(acc_norm.mean()), "acc_norm_stderr": _stderr(acc_norm),
-          "chance": float(np.mean(chance)), "majority": majority_baseline(examples),
+  out = {}
+  for name, values in correct.items():
+    if values:
+      values = np.asarray(values)
+      out.update({name: float(values.mean()), f"{name}_stderr": _stderr(values)})
+  return {**out, "chance": float(np.mean(chance)), "majority": majority_baseline(examples),
           "n": float(len(spans))}
 
 
@@ -311,13 +330,15 @@ def generation(model: LanguageModel, examples: Sequence[Mapping[str, Any]], *,
 
 def evaluate_tasks(model: LanguageModel, names: Sequence[str], *, shots: Sequence[int] = (0,),
                    limit: int | None = None, seed: int = 1234, batch_size: int = 8,
-                   max_new_tokens: int | None = None) -> list[dict[str, Any]]:
+                   max_new_tokens: int | None = None,
+                   mutual_info: bool = False) -> list[dict[str, Any]]:
   """Registered tasks (`seqlab.tasks`) scored on their validation split, shots from train.
 
   One row per (task, number of shots): the task's metrics (rank classification for a choice
   task, `generation` for a generation task) with "task", "shots"; then per number of shots a
-  row with task "mean" averaging acc, acc_norm, chance and majority over the choice tasks. `limit` keeps the first
-  examples of each validation split.
+  row with task "mean" averaging the accuracies, chance and majority over the choice tasks.
+  `limit` keeps the first examples of each validation split; `mutual_info` adds
+  acc_mutual_info (`rank_classification`).
   """
   from seqlab import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   rows = []
@@ -330,7 +351,7 @@ def evaluate_tasks(model: LanguageModel, names: Sequence[str], *, shots: Sequenc
                     description=task.description, batch_size=batch_size,
                     target_delimiter=task.target_delimiter)
       if task.kind == "choice":
-        values = rank_classification(model, examples, **common)
+        values = rank_classification(model, examples, mutual_info=mutual_info, **common)
       else:
         values = generation(model, examples, max_new_tokens=max_new_tokens or
                             task.max_new_tokens, **common)
@@ -338,10 +359,9 @@ def evaluate_tasks(model: LanguageModel, names: Sequence[str], *, shots: Sequenc
     choice = [r for r in mine if "acc" in r]
     rows.extend(mine)
     if choice:
+      averaged = ("acc", "acc_norm", *(("acc_mutual_info",) if mutual_info else ()),
+                  "chance", "majority")
       rows.append({"task": "mean", "shots": k,
-                   "acc": float(np.mean([r["acc"] for r in choice])),
-                   "acc_norm": float(np.mean([r["acc_norm"] for r in choice])),
-                   "chance": float(np.mean([r["chance"] for r in choice])),
-                   "majority": float(np.mean([r["majority"] for r in choice])),
+                   **{m: float(np.mean([r[m] for r in choice])) for m in averaged},
                    "tasks": float(len(choice))})
   return rows
