@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from seqlab import config as config_lib
-from seqlab import host_memory, loop, trainer
+from seqlab import compile_cache, host_memory, loop, trainer
 from seqlab import train as train_lib
 
 # Fields of a training's recorded config that may change when it resumes. Unlike `seqlab
@@ -87,7 +87,8 @@ def train(model_cfg, optimizer: train_lib.OptimizerConfig, key, batches: Iterato
   end only), a progress line from `config.train.progress`. Every step's loss is logged
   (`Result.final_loss`, `Result.history`). A preempted training stops the experiment
   (`stop_if_preempted`). `evaluate(state) -> metrics`, when given, every
-  `config.train.eval_every` steps (0 or absent: at the end), logged as `eval/<name>`. The
+  `config.train.eval_every` steps (0 or absent: at the end), logged as `eval/<name>`;
+  `config.train.profile_steps` "a,b" traces steps a through b into `workdir/profile`. The
   work directory records the model, optimizer,
   `steps` and `inputs` (seed and data settings): a rerun that changes any of them is refused
   (ValueError) instead of resumed.
@@ -99,7 +100,8 @@ def train(model_cfg, optimizer: train_lib.OptimizerConfig, key, batches: Iterato
   options = trainer.Options(steps=steps, strategy=config.mesh.strategy, log_every=1,
                             checkpoint_every=every, label=label,
                             eval_every=int(config.train.get("eval_every", 0)),
-                            progress=bool(config.train.get("progress", False)))
+                            progress=bool(config.train.get("progress", False)),
+                            profile_steps=config.train.get("profile_steps", "") or "")
   init_args = (key,) if params is None else (params, key)
   return stop_if_preempted(trainer.run(
       dataclasses.replace(loop.model_job(model_cfg, optimizer, params is not None),
@@ -157,10 +159,12 @@ def grid_command_line(description: str, *, default_config: str, default_workdir:
   (config, run dir `<workdir>/<config.output.run_name>`, the command's config spec, scratch).
 
   The grid experiments' command line (compare_objectives, adaptation); anything but
-  `--config.` overrides is an error. It also keeps freed host memory (`seqlab.host_memory`)
-  and joins the processes of a multi-host run (`seqlab.loop.join_processes`).
+  `--config.` overrides is an error. It also keeps freed host memory (`seqlab.host_memory`),
+  turns on the persistent compilation cache (`seqlab.compile_cache`) and joins the processes
+  of a multi-host run (`seqlab.loop.join_processes`).
   """
   host_memory.keep_freed_host_memory()  # before JAX starts: seqlab/host_memory.py
+  compile_cache.enable()  # before the first compile: seqlab/compile_cache.py
   parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
   parser.add_argument("--config", default=default_config, help="config file[:arg]")
   parser.add_argument("--workdir", default=default_workdir,
@@ -193,9 +197,11 @@ def parse_command_line(description: str, argv: Sequence[str] | None = None
   """`--config file.py[:arg] --workdir DIR [--config.a.b=value ...]` -> (config, out dir).
 
   The out dir is `<workdir>/<config.run>`; anything but `--config.` overrides is an error.
-  Called first, before JAX starts, it also keeps freed host memory (`seqlab.host_memory`).
+  Called first, before JAX starts, it also keeps freed host memory (`seqlab.host_memory`) and
+  turns on the persistent compilation cache (`seqlab.compile_cache`).
   """
   host_memory.keep_freed_host_memory()
+  compile_cache.enable()
   parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--config", required=True, help="config file, optionally file.py:arg")
   parser.add_argument("--workdir", required=True, help="outputs go to <workdir>/<config.run>")

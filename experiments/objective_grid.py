@@ -242,11 +242,12 @@ def flops_per_token(cell: Cell) -> float:
 
 def fingerprint(config: ml_collections.ConfigDict, extent: str = "grid") -> str:
   """Hash of everything a cell's numbers depend on (not the experiment's extent, the section
-  `extent` names; nor the output options, how the processes join or the checkpoint
-  frequency)."""
+  `extent` names; nor the output options, how the processes join, the checkpoint frequency or
+  which steps are profiled)."""
   relevant = {k: v for k, v in config.to_dict().items()
               if k not in (extent, "output", "distributed")}
-  relevant["train"] = {k: v for k, v in relevant["train"].items() if k != "checkpoint_every"}
+  relevant["train"] = {k: v for k, v in relevant["train"].items()
+                       if k not in ("checkpoint_every", "profile_steps")}
   text = json.dumps(relevant, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 

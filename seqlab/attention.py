@@ -135,10 +135,14 @@ def dot_product_attention(
     mask: bool, rank 4, broadcastable to `[B, N, T, S]`; True = may attend.
     bias: float, rank 4, broadcastable to `[B, N, T, S]`; added to the scaled logits.
     scale: logit scale, default `1 / sqrt(H)`.
-    implementation: None picks cuDNN flash attention on an NVIDIA GPU when its constraints hold
-      (see `cudnn_unsupported_reason`), else XLA; 'xla' forces XLA; 'cudnn' forces cuDNN and
-      raises ValueError naming the constraint that fails. Large inputs run in blocks on the XLA
-      path (`seqlab.attention_kernels`), which changes nothing but speed and peak memory.
+    implementation: None picks Pallas splash attention on a TPU and cuDNN flash attention on
+      an NVIDIA GPU when their constraints hold (see `attention_pallas.pallas_unsupported_reason`
+      and `cudnn_unsupported_reason`: no bias and lengths that are multiples of 128 for splash),
+      else XLA; 'xla' forces XLA; 'cudnn' forces cuDNN; 'pallas' forces the Pallas kernel of the
+      backend (splash on a TPU, interpreted on a CPU; on a GPU the Triton kernel, causal only,
+      no mask); the forced ones raise ValueError naming the constraint that fails. Large inputs
+      run in blocks on the XLA path (`seqlab.attention_kernels`), which changes nothing but
+      speed and peak memory; `seqlab.attention_pallas` documents the Pallas path.
     is_causal: AND the mask with the causal mask (query t attends keys s <= t; needs T == S).
       The XLA path then skips most of the masked logits above the diagonal (causal chunks in
       `seqlab.attention_kernels`); passing a mask that already holds the causal mask is fine.
@@ -182,6 +186,8 @@ def cache_attention(
   new v_cache): the cache with k, v written at slots [index, index + T) (`index` clamped to
   [0, L - T] as `lax.dynamic_update_slice` clamps), and `dot_product_attention` of q to it.
   Why these layouts, and how the cache is updated in place: `attention_kernels.attend_cache`.
+  `implementation` as `dot_product_attention`'s, except that 'pallas' runs XLA here (the Pallas
+  kernels are for training and prefill shapes).
   """
   q, k_cache, v_cache = jnp.asarray(q), jnp.asarray(k_cache), jnp.asarray(v_cache)
   k, v = jnp.asarray(k).astype(k_cache.dtype), jnp.asarray(v).astype(v_cache.dtype)

@@ -4,6 +4,10 @@ Every path computes `seqlab.attention.reference_attention` (tests/test_attention
 each against it and a float64 NumPy oracle); they differ in speed and peak memory only. Which
 one runs, and why:
 
+* Pallas (`seqlab.attention_pallas`) on a TPU whenever `pallas_unsupported_reason` finds
+  nothing against the call (splash attention), or when forced with implementation='pallas' (on
+  a GPU the Triton kernel, on a CPU splash interpreted). Training and prefill only: a KV-cache
+  update runs on XLA.
 * cuDNN (`_attend_cudnn`) on an NVIDIA GPU whenever `cudnn_unsupported_reason` finds nothing
   against the call, or when forced with implementation='cudnn': jax.nn's fused flash attention
   never materialises the logits. seqlab adds full-size masks and zero rows where no key is
@@ -47,9 +51,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqlab import masks
+from seqlab import attention_pallas, masks
+from seqlab.attention_pallas import pallas_unsupported_reason
 
-Implementation = Literal["xla", "cudnn"]
+Implementation = Literal["xla", "cudnn", "pallas"]
 
 # Finite, so a fully masked row never computes inf - inf; next to any allowed logit its exp()
 # underflows to exactly 0. Same constant as jax.nn's XLA path.
@@ -85,7 +90,11 @@ def attend(q, k, v, *, mask, bias, scale: float, implementation: str | None,
   `[B, T, N, H]` in the dtype of q. Raises ValueError for an implementation that cannot run.
   """
   path = select_implementation(implementation, q.shape, k.shape, q.dtype,
-                               has_mask_or_bias=mask is not None or bias is not None)
+                               has_mask=mask is not None, has_bias=bias is not None)
+  if path == "pallas":
+    return attention_pallas.pallas_attention(q, k, v, scale=scale, mask=mask, bias=bias,
+                                             is_causal=is_causal,
+                                             backend=current_backend()[0])
   if path == "cudnn":
     if is_causal:
       mask = masks.combine(mask, masks.causal(q.shape[1]))
@@ -109,8 +118,11 @@ def attend_cache(q, k_cache, v_cache, k, v, index, *, mask, bias, scale: float,
   """
   batch, kv_heads, head_dim, cache_len = k_cache.shape
   q_len, num_heads = q.shape[1], q.shape[2]
+  # The Pallas kernels are for training and prefill shapes; a cache update runs on XLA.
+  implementation = "xla" if implementation == "pallas" else implementation
   path = select_implementation(implementation, q.shape, (batch, cache_len, kv_heads, head_dim),
                                q.dtype, has_mask_or_bias=mask is not None or bias is not None)
+  path = "xla" if path == "pallas" else path
   groups = num_heads // kv_heads
   index = jnp.clip(jnp.asarray(index, jnp.int32), 0, cache_len - q_len)
   read_before_write = path == "xla" and batch * num_heads * q_len * cache_len * 4 <= (
@@ -203,19 +215,31 @@ def select_implementation(
     dtype,
     *,
     has_mask_or_bias: bool = False,
+    has_mask: bool = False,
+    has_bias: bool = False,
     backend: tuple[str, tuple[int, int] | None] | None = None,
 ) -> Implementation:
-  """The path `dot_product_attention` takes: 'xla' or 'cudnn'.
+  """The path `dot_product_attention` takes: 'xla', 'cudnn' or 'pallas'.
 
-  None picks cuDNN when `cudnn_unsupported_reason` finds nothing against it, else XLA; 'cudnn'
-  raises ValueError with the failed constraint. `backend` (name, compute capability) defaults
-  to `current_backend()`.
+  None picks Pallas (splash attention) on a TPU when `pallas_unsupported_reason` finds nothing
+  against it, cuDNN when `cudnn_unsupported_reason` finds nothing against it, else XLA;
+  'cudnn' and 'pallas' raise ValueError with the failed constraint. cuDNN needs to know only
+  `has_mask_or_bias`; Pallas needs `has_mask` and `has_bias` apart (either implies the former).
+  `backend` (name, compute capability) defaults to `current_backend()`.
   """
-  if implementation not in (None, "xla", "cudnn"):
-    raise ValueError(f"implementation={implementation!r} must be None, 'xla' or 'cudnn'")
+  if implementation not in (None, "xla", "cudnn", "pallas"):
+    raise ValueError(f"implementation={implementation!r} must be None, 'xla', 'cudnn' or "
+                     "'pallas'")
   if implementation == "xla":
     return "xla"
   name, capability = current_backend() if backend is None else backend
+  if implementation == "pallas" or (implementation is None and name == "tpu"):
+    reason = pallas_unsupported_reason(q_shape, k_shape, has_mask=has_mask, has_bias=has_bias,
+                                       backend=name)
+    if implementation == "pallas" and reason is not None:
+      raise ValueError(f"implementation='pallas' is not possible here: {reason}")
+    return "xla" if reason else "pallas"
+  has_mask_or_bias = has_mask_or_bias or has_mask or has_bias
   reason = cudnn_unsupported_reason(q_shape, k_shape, dtype, has_mask_or_bias=has_mask_or_bias,
                                     backend=name, compute_capability=capability)
   if implementation == "cudnn" and reason is not None:

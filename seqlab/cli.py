@@ -20,7 +20,8 @@ prints goes to stderr); progress and notices go to stderr. Bad input (an unknown
 batch size that does not divide over the devices, a workdir locked by another run or holding
 another model, a config that drifted from the checkpoint's, no readable checkpoint, a loss that
 stopped being finite, a work directory that cannot be written) exits with status 2 and a
-one-line message.
+one-line message. Compiled programs persist between runs in `~/.cache/seqlab/jax`
+(`seqlab.compile_cache`: SEQLAB_COMPILATION_CACHE=DIR moves it, =off turns it off).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import math
 import os
 import sys
 
-from seqlab import host_memory
+from seqlab import compile_cache, host_memory
 
 
 def _parse(argv):
@@ -263,6 +264,7 @@ def main(argv=None) -> int:
   """Entry point of `seqlab` / `python -m seqlab`; returns the exit status."""
   host_memory.keep_freed_host_memory()  # before JAX starts: see seqlab/host_memory.py
   args, rest = _parse(sys.argv[1:] if argv is None else argv)
+  compile_cache.enable()  # before the first compile: see seqlab/compile_cache.py
   if argv is None:
     _results_to_real_stdout()
   logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's routine INFO / WARNING lines

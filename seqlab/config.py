@@ -68,6 +68,10 @@ def _parse_value(text: str, current: Any) -> Any:
 
 
 OPEN_SUFFIXES = ("overrides", "kwargs")
+# Keys any config may set although its file does not define them, with their type's default:
+# engine options that change how a run is observed, never its numbers (so a config file, and
+# the fingerprints taken of it, need not change to offer them).
+OPTIONAL_KEYS = {"train.profile_steps": ""}
 
 
 def _is_open(key: str) -> bool:
@@ -83,11 +87,12 @@ def apply_overrides(config: ml_collections.ConfigDict,
   The value is read as the type of the current value (bool, int, float, str), else as a
   Python literal, else as a string. An unknown key raises ValueError listing the nearest
   existing keys; only dicts named `*overrides` / `*kwargs` (model overrides, objective or
-  source arguments) accept new keys, which their consumer validates.
+  source arguments) accept new keys, which their consumer validates, and `OPTIONAL_KEYS` may
+  be added to any config with a section for them.
   """
   config = ml_collections.ConfigDict(config.to_dict()) if config.is_locked else config
   for item in overrides:
-    known = flat_keys(config)
+    known = flat_keys(config) + list(OPTIONAL_KEYS)
     key, sep, text = item.removeprefix("--").removeprefix("config.").partition("=")
     if not sep or not key:
       raise ValueError(f"override {item!r} is not of the form --config.key=value")
@@ -101,11 +106,13 @@ def apply_overrides(config: ml_collections.ConfigDict,
       parent = child
     exists = parent is not None and leaf in parent and not isinstance(
         parent[leaf], ml_collections.ConfigDict)
-    if not exists and not (parent is not None and _is_open(key) and leaf not in parent):
+    may_be_new = parent is not None and leaf not in parent and (
+        _is_open(key) or key in OPTIONAL_KEYS)
+    if not exists and not may_be_new:
       near = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
       hint = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
       raise ValueError(f"unknown config key {key!r} in override {item!r}{hint}")
-    current = parent[leaf] if exists else None
+    current = parent[leaf] if exists else OPTIONAL_KEYS.get(key)
     try:
       value = _parse_value(text, current)
     except ValueError as e:

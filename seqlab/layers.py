@@ -15,11 +15,21 @@ Parameter layout (what `seqlab.convert` maps checkpoints onto):
                mlp, mlp_norm
 
 `param_logical_axes(params)` names every parameter axis ("embed", "mlp", "heads", "kv",
-"vocab", or None) for sharding rules.
+"vocab", "layers", or None) for sharding rules.
+
+Layer stacks (`block_stack`, `apply_stack`): a model's blocks either unrolled, one module per
+layer (`blocks_0`, `blocks_1`, ...), or with `scan_layers` one module run under `nn.scan`
+whose parameters are the layers' stacked on a leading axis (logical name "layers") under the
+stack's name (`blocks`): one traced block, so compile time and program size stop growing with
+depth. `remat` recomputes activations in the backward pass: "none", "full" (keep only each
+block's input) or "dots" (keep the matmul outputs, `jax.checkpoint_policies.checkpoint_dots`).
+`stack_params` / `unstack_params` convert parameters between the two layouts.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
@@ -38,6 +48,7 @@ ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "gated_gelu", "swiglu")
 GATED_ACTIVATIONS = ("gated_gelu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
+REMAT_POLICIES = ("none", "full", "dots")
 
 
 def check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -374,15 +385,151 @@ class RelativePositionBias(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# Layer stacks: unrolled or scanned, with or without rematerialisation.
+# ---------------------------------------------------------------------------------------------
+
+# The call arguments of `Block` in the positional order a stack passes them, and those that
+# differ per layer with the axis of their layer index (the cache keeps its batch axis first,
+# so decoding reorders every per-row array along axis 0); the rest are shared by every layer.
+BLOCK_ARGS = ("mask", "bias", "positions", "encoded", "cross_mask", "cross_kv", "cache",
+              "cache_index", "train", "is_causal")
+BLOCK_PER_LAYER = {"cache": 1, "cross_kv": 1}
+_STATIC_ARGS = ("train", "is_causal")
+_DEFAULT_ARGS = {"train": False, "is_causal": False}
+
+
+def check_stack_options(scan_layers: Any, remat: Any) -> None:
+  """ValueError naming `scan_layers` or `remat` unless they are a bool and a remat policy."""
+  if not isinstance(scan_layers, bool):
+    raise ValueError(f"scan_layers={scan_layers!r} must be True or False")
+  check_choice("remat", remat, REMAT_POLICIES)
+
+
+@functools.cache
+def _positional(block_cls: type, arg_names: tuple[str, ...]) -> type:
+  """`block_cls` called as (x, *args) -> (x, per-layer output or None): `nn.scan` and
+  `nn.remat` pass arguments by position, and scan wants a (carry, output) pair.
+  `stack_cross_kv` (x, *args) -> (x, the layer's cross-attention keys and values of
+  args' `encoded`), for an encoder-decoder's cache."""
+  def __call__(self, x, *args):
+    out = block_cls.__call__(self, x, **dict(zip(arg_names, args)))
+    return out if isinstance(out, tuple) else (out, None)
+
+  def stack_cross_kv(self, x, *args):
+    return x, self.cross_kv(dict(zip(arg_names, args))["encoded"])
+  return type(block_cls.__name__, (block_cls,),
+              {"__call__": __call__, "stack_cross_kv": stack_cross_kv})
+
+
+def block_stack(block_cls: type, num_layers: int, *, name: str, scan_layers: bool = False,
+                remat: str = "none", arg_names: tuple[str, ...] = BLOCK_ARGS,
+                per_layer: dict[str, int] | None = None, **block_kwargs):
+  """`num_layers` blocks `block_cls(**block_kwargs)`, for a module's `setup`.
+
+  Unrolled: a list of modules named `{name}_0`, `{name}_1`, ...; with `scan_layers` one module
+  named `name` whose parameters have a leading layer axis. Run it with `apply_stack` and the
+  same `arg_names` (the block's keyword arguments, "train" and "is_causal" static) and
+  `per_layer` ({argument: its layer axis}, default `BLOCK_PER_LAYER`): such an argument takes
+  one value per layer, a list unrolled and an array with that layer axis scanned.
+  """
+  check_stack_options(scan_layers, remat)
+  per_layer = BLOCK_PER_LAYER if per_layer is None else per_layer
+  cls = _positional(block_cls, arg_names)
+  methods = ["__call__", "stack_cross_kv"]
+  if remat != "none":
+    policy = (jax.checkpoint_policies.nothing_saveable if remat == "full"
+              else jax.checkpoint_policies.checkpoint_dots)
+    # argnums count self (0) and x (1); inside a scan the loop already keeps XLA from merging
+    # the recomputation into the forward pass, so no CSE barrier is needed there.
+    static = tuple(2 + arg_names.index(a) for a in _STATIC_ARGS if a in arg_names)
+    cls = nn.remat(cls, policy=policy, static_argnums=static, prevent_cse=not scan_layers,
+                   methods=methods)
+  if not scan_layers:
+    return [cls(name=f"{name}_{i}", **block_kwargs) for i in range(num_layers)]
+  in_axes = tuple(per_layer.get(a, nn.broadcast) for a in arg_names)
+  out_axes = max(per_layer.values(), default=0)
+  scanned = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                    in_axes=in_axes, out_axes=out_axes, length=num_layers, methods=methods,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+  return scanned(name=name, **block_kwargs)
+
+
+def apply_stack(stack, x: Array, *, method: str = "__call__",
+                arg_names: tuple[str, ...] = BLOCK_ARGS, per_layer: dict[str, int] | None = None,
+                **kwargs):
+  """Runs a `block_stack` on x; returns (x, the per-layer outputs: None, or a list unrolled /
+  a pytree with the layer axis of `per_layer` scanned, such as new caches). `method`
+  "stack_cross_kv" returns every layer's cross-attention keys and values instead."""
+  per_layer = BLOCK_PER_LAYER if per_layer is None else per_layer
+  unknown = set(kwargs) - set(arg_names)
+  if unknown:
+    raise TypeError(f"unknown stack arguments {sorted(unknown)}")
+  args = [kwargs.get(a, _DEFAULT_ARGS.get(a)) for a in arg_names]
+  if not isinstance(stack, (list, tuple)):
+    return getattr(stack, method)(x, *args)
+  outputs = []
+  for i, block in enumerate(stack):
+    layer_args = [v[i] if a in per_layer and v is not None else v
+                  for a, v in zip(arg_names, args)]
+    x, out = getattr(block, method)(x, *layer_args)
+    outputs.append(out)
+  return x, (None if all(o is None for o in outputs) else outputs)
+
+
+def stack_layers(trees: list, axis: int = 0) -> Any:
+  """Per-layer pytrees -> one pytree with a layer axis at `axis` (a scanned stack's layout)."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs, axis=axis), *trees)
+
+
+def unstack_layers(tree: Any, axis: int = 0) -> list:
+  """A pytree with a layer axis at `axis` -> its per-layer pytrees."""
+  num_layers = jax.tree.leaves(tree)[0].shape[axis]
+  return [jax.tree.map(lambda x, i=i: jnp.take(x, i, axis=axis), tree)
+          for i in range(num_layers)]
+
+
+def stack_params(params: dict, names: tuple[str, ...]) -> dict:
+  """Unrolled parameters (`{name}_{i}`) -> the scanned layout (`name`, stacked) for each stack
+  `name` in `names`; everything else unchanged. The inverse of `unstack_params`."""
+  out = dict(params)
+  for name in names:
+    pattern = re.compile(rf"{re.escape(name)}_(\d+)")
+    found = sorted((int(m.group(1)), k) for k in params if (m := pattern.fullmatch(k)))
+    if not found:
+      if name in params:
+        continue  # already stacked
+      raise ValueError(f"no {name}_0, {name}_1, ... in the parameters to stack")
+    if [i for i, _ in found] != list(range(len(found))):
+      raise ValueError(f"layers {[i for i, _ in found]} of {name} are not 0..{len(found) - 1}")
+    out[name] = stack_layers([params[k] for _, k in found])
+    for _, k in found:
+      del out[k]
+  return out
+
+
+def unstack_params(params: dict, names: tuple[str, ...]) -> dict:
+  """Scanned parameters (each stack `name` with a leading layer axis) -> the unrolled layout
+  (`{name}_0`, `{name}_1`, ...); everything else unchanged."""
+  out = dict(params)
+  for name in names:
+    if name not in params:
+      continue  # already unrolled
+    for i, layer in enumerate(unstack_layers(out.pop(name))):
+      out[f"{name}_{i}"] = layer
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
 # KV cache (the model side of seqlab.decoding's contract).
 # ---------------------------------------------------------------------------------------------
 
 
 def init_kv_cache(num_layers: int, batch_size: int, max_length: int, num_kv_heads: int,
-                  head_dim: int, dtype: Dtype) -> dict:
+                  head_dim: int, dtype: Dtype, *, stacked: bool = False) -> dict:
   """An empty decoder cache: per layer k `[B, K, H, L]`, v `[B, K, L, H]` zeros, no valid slot.
 
-  "end" is 0. Keys and values are stored in the layouts attention's matmuls read in place
+  "layers" is a list of per-layer dicts, or with `stacked` (a scanned stack) one dict whose
+  arrays have the layer axis second (`[B, layers, ...]`). "end" is 0. Keys and values are stored in the layouts attention's matmuls read in place
   (`seqlab.attention.cache_attention`), where a `[B, L, K, H]` cache is copied whole on every
   decode step. Every array except the scalar "end" has the batch as its leading axis, so beam
   search can reorder rows with one `tree_map`.
@@ -392,8 +539,9 @@ def init_kv_cache(num_layers: int, batch_size: int, max_length: int, num_kv_head
       raise ValueError(f"{name}={value!r} must be a positive integer")
   k_shape = (batch_size, num_kv_heads, head_dim, max_length)
   v_shape = (batch_size, num_kv_heads, max_length, head_dim)
-  return {"layers": [{"k": jnp.zeros(k_shape, dtype), "v": jnp.zeros(v_shape, dtype)}
-                     for _ in range(num_layers)],
+  per_layer = [{"k": jnp.zeros(k_shape, dtype), "v": jnp.zeros(v_shape, dtype)}
+               for _ in range(num_layers)]
+  return {"layers": stack_layers(per_layer, axis=1) if stacked else per_layer,
           "valid": jnp.zeros((batch_size, max_length), jnp.bool_),
           "end": jnp.zeros((), jnp.int32),
           "next_position": jnp.zeros((batch_size,), jnp.int32)}
@@ -472,19 +620,29 @@ _AXES = {
 def param_logical_axes(params: Any) -> Any:
   """A pytree like `params` whose leaves are tuples of logical axis names (or None) per axis.
 
-  Names: "embed" (d_model), "mlp" (d_ff), "heads" (N or K), "kv" (head_dim), "vocab"; any axis
-  not covered (position tables, small heads) is None. Feed it to
+  Names: "embed" (d_model), "mlp" (d_ff), "heads" (N or K), "kv" (head_dim), "vocab",
+  "layers" (the leading axis of a scanned stack, `STACK_NAMES`); any axis not covered (position tables, small heads) is None. Feed it to
   `flax.linen.logical_to_mesh_sharding` with rules such as `(("embed", "fsdp"),)`.
   """
+  def unstacked(keys, ndim):
+    for n in (2, 1):
+      if keys[-n:] in _AXES and len(_AXES[keys[-n:]]) == ndim:
+        return _AXES[keys[-n:]]
+    if keys[-1] in ("scale", "bias") and ndim == 1:
+      return ("embed",)
+    if keys[-1] == "embedding" and ndim == 2:
+      return (None, "embed")
+    return (None,) * ndim
+
   def axes(path, leaf):
     keys = tuple(str(getattr(k, "key", k)) for k in path)
-    for n in (2, 1):
-      if keys[-n:] in _AXES and len(_AXES[keys[-n:]]) == leaf.ndim:
-        return _AXES[keys[-n:]]
-    if keys[-1] in ("scale", "bias") and leaf.ndim == 1:
-      return ("embed",)
-    if keys[-1] == "embedding" and leaf.ndim == 2:
-      return (None, "embed")
-    return (None,) * leaf.ndim
+    if any(k in STACK_NAMES for k in keys):  # a scanned stack: layers first
+      return ("layers", *unstacked(keys, leaf.ndim - 1))
+    return unstacked(keys, leaf.ndim)
   return jax.tree_util.tree_map_with_path(axes, params)
+
+
+# The names scanned stacks take in seqlab's models (an unrolled layer is `{name}_{i}`).
+STACK_NAMES = frozenset({"blocks", "encoder_blocks", "decoder_blocks", "block",
+                         "decoder_block"})
 

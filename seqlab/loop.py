@@ -10,7 +10,8 @@ Config fields read here (see `experiments/configs/tiny.py` for a complete file):
 `data.*` (source, tokenizer, objective, lengths, global `batch_size`, packing),
 `optimizer.*` (`seqlab.train.OptimizerConfig`; `total_steps` 0 follows `train.steps`),
 `train.*` (steps, log/eval/checkpoint intervals, `accum_steps`, `task_kwargs`, `max_to_keep`,
-optional `best_metric`, `stop_check_every`), `mesh.*` (strategy "data" | "fsdp", data x fsdp
+optional `best_metric`, `stop_check_every`, `profile_steps` "a,b": a `jax.profiler` trace of
+steps a through b in `<workdir>/profile`), `mesh.*` (strategy "data" | "fsdp", data x fsdp
 sizes, FSDP logical `rules`) and `distributed.*` (`initialize=True`:
 `jax.distributed.initialize()` with no arguments, which finds the processes itself on TPU pods
 and SLURM; or explicit coordinator_address, num_processes, process_id: num_processes > 1 joins
@@ -249,7 +250,8 @@ def options(config: ml_collections.ConfigDict) -> trainer.Options:
       checkpoint_every=int(t.checkpoint_every), eval_every=int(t.eval_every),
       max_to_keep=int(t.max_to_keep), best_metric=t.get("best_metric", "") or "",
       best_mode=t.get("best_mode", "min"), progress=bool(t.get("progress", True)),
-      stop_check_every=int(t.get("stop_check_every", 1)))
+      stop_check_every=int(t.get("stop_check_every", 1)),
+      profile_steps=t.get("profile_steps", "") or "")
 
 
 def join_processes(config: ml_collections.ConfigDict) -> None:

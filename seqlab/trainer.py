@@ -30,6 +30,7 @@ benchmarks and tests use that.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import math
@@ -55,8 +56,8 @@ from seqlab import workdir as workdir_lib
 RESUMABLE_FIELDS = (
     "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.checkpoint_every", "train.max_to_keep", "train.progress", "train.best_metric",
-    "train.best_mode", "train.accum_steps", "train.stop_check_every", "optimizer.total_steps",
-    "mesh", "distributed",
+    "train.best_mode", "train.accum_steps", "train.stop_check_every", "train.profile_steps",
+    "optimizer.total_steps", "mesh", "distributed",
 )
 
 
@@ -91,7 +92,10 @@ class Options:
 
   `checkpoint_every` 0 saves only at the end (and on preemption); `eval_every` 0 evaluates
   only at the end when an `evaluate` hook is given (-1: never); `best_metric` keeps the best
-  checkpoint by an eval metric besides the last `max_to_keep`.
+  checkpoint by an eval metric besides the last `max_to_keep`. `profile_steps` "a,b" (or
+  `(a, b)`; "a" is one step) writes a `jax.profiler` trace of steps a through b into
+  `<workdir>/profile/` (TensorBoard's profile plugin, or its `perfetto_trace.json.gz` in
+  ui.perfetto.dev); "" profiles nothing.
   """
   steps: int
   strategy: str = "data"
@@ -106,6 +110,7 @@ class Options:
   progress: bool = False
   stop_check_every: int = 1
   label: str = ""
+  profile_steps: str | tuple = ""
 
   def __post_init__(self):
     check_int("train.steps", self.steps)
@@ -119,6 +124,31 @@ class Options:
       raise ValueError(f"mesh.strategy={self.strategy!r} is not one of {parallel.STRATEGIES}")
     if self.best_mode not in ("min", "max"):
       raise ValueError(f"train.best_mode={self.best_mode!r} is not 'min' or 'max'")
+    profile_range(self.profile_steps, self.steps)
+
+
+def profile_range(profile_steps: str | tuple, steps: int) -> tuple[int, int] | None:
+  """(first, last) step of `Options.profile_steps`, None for ""; ValueError naming the field
+  unless it is "a,b" (or `(a, b)`) or "a" with 1 <= a <= b <= `steps`."""
+  if isinstance(profile_steps, str):
+    if not profile_steps.strip():
+      return None
+    try:
+      bounds = [int(part) for part in profile_steps.split(",")]
+    except ValueError:
+      bounds = []
+  elif isinstance(profile_steps, (tuple, list)):
+    if not profile_steps:
+      return None
+    bounds = [b for b in profile_steps
+              if isinstance(b, (int, np.integer)) and not isinstance(b, bool)]
+    bounds = bounds if len(bounds) == len(profile_steps) else []
+  else:
+    bounds = []
+  if not 1 <= len(bounds) <= 2 or not 1 <= bounds[0] <= bounds[-1] <= steps:
+    raise ValueError(f"train.profile_steps={profile_steps!r} must be 'first,last' (or one "
+                     f"step) with 1 <= first <= last <= train.steps={steps}, or '' for none")
+  return int(bounds[0]), int(bounds[-1])
 
 
 @dataclasses.dataclass
@@ -289,6 +319,46 @@ def _agree_all(ok: bool) -> bool:
   return bool(np.all(np.asarray(flags)))
 
 
+# ─── Profiling ───────────────────────────────────────────────────────────────────────────────
+
+
+class _Profile:
+  """A `jax.profiler` trace of `options.profile_steps` into `workdir/profile` (a folder per
+  process when there are several: each writes its own trace)."""
+
+  def __init__(self, options: Options, workdir: str | None):
+    self.steps = profile_range(options.profile_steps, options.steps)
+    self.directory, self.tracing = None, False
+    if workdir is not None:
+      per_process = [f"process_{jax.process_index()}"] if jax.process_count() > 1 else []
+      self.directory = workdir_lib.join(workdir, "profile", *per_process)
+
+  def step(self, step: int):
+    """The context of step `step` (1-based): starts the trace at the first step in range (of a
+    resumed run too) and marks each traced step, whose boundaries TensorBoard's step-time
+    breakdown reads from the marks."""
+    if self.steps and not self.tracing and self.steps[0] <= step <= self.steps[1]:
+      # The Perfetto file is written with pathlib, which cannot reach cloud storage.
+      jax.profiler.start_trace(self.directory,
+                               create_perfetto_trace=not workdir_lib.is_remote(self.directory))
+      self.tracing = True
+    if not self.tracing:
+      return contextlib.nullcontext()
+    return jax.profiler.StepTraceAnnotation("train", step_num=step)
+
+  def after(self, step: int, outputs: Any) -> None:
+    """Ends the trace after the last step in range, once its device work is done."""
+    if self.tracing and step >= self.steps[1]:
+      jax.block_until_ready(outputs)
+      self.close()
+      _say(f"profiled steps {self.steps[0]}-{self.steps[1]}: {self.directory}")
+
+  def close(self) -> None:
+    if self.tracing:
+      self.tracing = False
+      jax.profiler.stop_trace()
+
+
 # ─── Compiled programs, shared by every run of the same job on the same mesh ─────────────────
 
 _PROGRAMS: dict[Any, Any] = {}
@@ -371,12 +441,16 @@ def run(job: Job, batches: Iterator[dict], mesh, options: Options, *,
   that drifted from the checkpoint's (fields outside `resumable`), saves every
   `checkpoint_every` steps, at the end and on an agreed SIGTERM, and writes `metrics.jsonl`,
   TensorBoard events and `config.json`. `evaluate(state) -> metrics` runs every `eval_every`
-  steps and at the end (logged as "eval/<name>").
+  steps and at the end (logged as "eval/<name>"). `options.profile_steps` traces those steps
+  into `workdir/profile`.
 
   Raises ValueError for bad options, a locked or drifted work directory or one holding another
   model (`checkpoint.CheckpointMismatchError`), and FloatingPointError when a loss or norm
   stops being finite (the last good checkpoint stays).
   """
+  if workdir is None and profile_range(options.profile_steps, options.steps):
+    raise ValueError(f"train.profile_steps={options.profile_steps!r} needs a workdir (the "
+                     "trace goes to <workdir>/profile)")
   # ── Shard ──
   sharding = state_sharding(job, mesh, options)
   lock = workdir_lock(workdir) if workdir is not None else None
@@ -454,6 +528,8 @@ def _run_locked(job, batches, mesh, options, sharding, workdir, lock, config, ev
     history = list(writer.rows) if writer is not None else []
     progress = monitor.Progress(options.steps, enabled=options.progress)
     closers.append(progress.close)
+    profile = _Profile(options, workdir)
+    closers.append(profile.close)
     peak = monitor.device_peak_flops() * jax.device_count() if options.progress or (
         workdir is not None) else math.nan
     step, last_saved, status = start_step, (start_step if restored else None), "finished"
@@ -498,15 +574,17 @@ def _run_locked(job, batches, mesh, options, sharding, workdir, lock, config, ev
 
     pending = None
     while step < options.steps:
-      batch = first_batch if first_batch is not None else parallel.global_batch(
-          next(batches), mesh)
-      first_batch = None
-      state, metrics = step_fn(state, batch)
+      with profile.step(step + 1):  # the host's batch is part of the step
+        batch = first_batch if first_batch is not None else parallel.global_batch(
+            next(batches), mesh)
+        first_batch = None
+        state, metrics = step_fn(state, batch)
       step += 1
       # The previous step's metrics are fetched after this step is dispatched.
       if pending is not None:
         finish(*pending)
       pending = (step, metrics)
+      profile.after(step, (state, metrics))
       preempted = (step % options.stop_check_every == 0 and step < options.steps
                    and stop.agreed())
       last = step == options.steps

@@ -3,7 +3,9 @@
 Subprocesses share one persistent XLA compilation cache, fresh for each test session (so the
 first compile of every program is still paid), which spares recompiling the same train step in
 every restarted run; its size limit turns on jax's file locking, so concurrent processes can
-share it. The 8-device worker starts in the background when a test module that needs it is
+share it. Nothing reaches the user's own cache (~/.cache/seqlab/jax): the tests' process has
+SEQLAB_COMPILATION_CACHE=off (conftest), and JAX_COMPILATION_CACHE_DIR, which seqlab's entry
+points leave alone, points the subprocesses at the session's. The 8-device worker starts in the background when a test module that needs it is
 imported (collection), once per test run even with several pytest-xdist workers, and runs
 while the other tests do.
 """
@@ -52,12 +54,23 @@ def session_dir() -> str:
   return tempfile.mkdtemp(prefix="seqlab_train_tests_")
 
 
-def subprocess_env(cache: str = SHARED_CACHE, **extra: str) -> dict[str, str]:
-  """The environment of a test subprocess: repo on the path, a compile cache of this session."""
+def subprocess_env(cache: str = SHARED_CACHE, *, seqlab_default_cache: bool = False,
+                   **extra: str) -> dict[str, str]:
+  """The environment of a test subprocess: repo on the path, a compile cache of this session.
+
+  With `seqlab_default_cache`, JAX is not told the cache: a seqlab entry point finds it where
+  it finds a user's, under XDG_CACHE_HOME, which is then this session's `cache` folder (the
+  cache itself is `<cache>/seqlab/jax`).
+  """
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(session_dir(), cache)
+  if seqlab_default_cache:
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env.pop("SEQLAB_COMPILATION_CACHE", None)  # conftest's "off"
+    env["XDG_CACHE_HOME"] = os.path.join(session_dir(), cache)
+  else:
+    env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(session_dir(), cache)
   env["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 * 2**30)
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
@@ -75,15 +88,21 @@ def publish_cache(private: str) -> None:
   os.makedirs(target, exist_ok=True)
   for name in os.listdir(source):
     if name.endswith("-cache") and not os.path.exists(os.path.join(target, name)):
+      # Its access-time file first: JAX's size check reads one for every entry it sees, and
+      # one missing makes every later write to the cache fail.
+      atime = name.removesuffix("-cache") + "-atime"
+      if os.path.exists(os.path.join(source, atime)):
+        shutil.copy(os.path.join(source, atime), os.path.join(target, atime))
       shutil.copy(os.path.join(source, name), os.path.join(target, name + ".tmp"))
       os.replace(os.path.join(target, name + ".tmp"), os.path.join(target, name))
 
 
 def python(*args: str, timeout: float = 300, cache: str = SHARED_CACHE,
-           **popen) -> subprocess.CompletedProcess:
-  """Runs `python args...` in the repository root with `subprocess_env(cache)`."""
-  return subprocess.run([sys.executable, *args], cwd=ROOT, env=subprocess_env(cache),
-                        capture_output=True, text=True, timeout=timeout, **popen)
+           seqlab_default_cache: bool = False, **popen) -> subprocess.CompletedProcess:
+  """Runs `python args...` in the repository root with `subprocess_env(cache, ...)`."""
+  env = subprocess_env(cache, seqlab_default_cache=seqlab_default_cache)
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout, **popen)
 
 
 def _shared_dir(uid: str) -> str:

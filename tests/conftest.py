@@ -1,9 +1,18 @@
-"""Test configuration: strict rank promotion, float32 matmuls on every backend, and compiles
-without XLA's optimisation passes."""
+"""Test configuration: strict rank promotion, float32 matmuls on every backend, compiles
+without XLA's optimisation passes, and no compilation cache in the user's home."""
 
+import os
 import uuid
 
 import jax
+
+from seqlab import compile_cache
+
+# The entry points the tests call in this process (`cli.main`, the experiments' `main`) would
+# otherwise turn on the cache under ~/.cache; the suite keeps off the user's cache. Its
+# subprocesses inherit this, and use the session's own cache that `_helpers.subprocess_env`
+# gives JAX directly (JAX_COMPILATION_CACHE_DIR wins over seqlab's setting).
+os.environ[compile_cache.ENV_VAR] = "off"
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")

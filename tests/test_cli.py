@@ -28,7 +28,10 @@ import _helpers
 from seqlab import checkpoint, cli, loop
 
 DROPOUT = "--config.model.overrides.dropout_rate=0.1"
-A_CACHE = "run_a_cache"  # A's own, empty when it starts: A pays for every compile
+# A's own cache, empty when it starts: A pays for every compile. A finds it the way a user's
+# `seqlab train` finds its cache, at seqlab's default under XDG_CACHE_HOME (here A_HOME).
+A_HOME = "run_a_home"
+A_CACHE = os.path.join(A_HOME, "seqlab", "jax")
 
 
 def _train_args(workdir, *extra):
@@ -75,7 +78,7 @@ def _restore(workdir, step=None):
 @pytest.fixture(scope="module")
 def run_a(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("run_a") / "workdir"  # does not exist yet
-  proc = _helpers.python(*_train_args(workdir), cache=A_CACHE)
+  proc = _helpers.python(*_train_args(workdir), cache=A_HOME, seqlab_default_cache=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
   _helpers.publish_cache(A_CACHE)  # the restarts below reuse A's compiled programs
   lines = proc.stdout.strip().splitlines()
@@ -132,6 +135,13 @@ def test_train_runs_end_to_end_from_an_empty_workdir(run_a):
   assert events and b"eval/perplexity" in events[0].read_bytes()
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["20", "40"]
   assert json.loads((workdir / "config.json").read_text())["model"]["preset"] == "gpt-tiny"
+
+
+def test_train_caches_its_compiled_programs_by_default(run_a):
+  """Nothing told A about a cache: `seqlab train` turned on its default one itself."""
+  del run_a
+  names = os.listdir(os.path.join(_helpers.session_dir(), A_CACHE))
+  assert any(n.startswith("jit_init-") and n.endswith("-cache") for n in names), names
 
 
 def test_eval_reproduces_the_logged_evaluation(run_a, capsys):
@@ -409,6 +419,7 @@ TRAIN_CASES = [  # (extra arguments, what the message must contain)
     (["--config.train.max_to_keep=0"], "train.max_to_keep=0"),
     (["--config.train.eval_batches=0"], "train.eval_batches=0"),
     (["--config.train.stop_check_every=0"], "train.stop_check_every=0"),
+    (["--config.train.profile_steps=5,2"], "train.profile_steps='5,2'"),
     (["--config.mesh.strategy=pmap"], "mesh.strategy='pmap'"),
     (["--config.mesh.data=3"], "mesh.data=3"),
     (["--config.model.preset=gpt-huge"], "gpt-huge"),

@@ -61,6 +61,22 @@ def test_gpt2_logits_match_hugging_face(chunk_rows):
   np.testing.assert_allclose(logits, expected, atol=TOL, rtol=0)
 
 
+def test_scanned_gpt2_matches_hugging_face_and_exports_the_same_state_dict():
+  hf = _hf_gpt2()
+  config = text.gpt2_config_from_hf(hf.config, dropout_rate=0.0, scan_layers=True,
+                                    remat="full")
+  params = text.gpt2_from_hf(hf.state_dict(), config)
+  assert params["blocks"]["mlp"]["wi"]["kernel"].shape == (2, 32, 128)  # layers stacked
+  tokens = _gpt2_tokens()
+  with torch.no_grad():
+    expected = hf(torch.tensor(tokens)).logits.numpy()
+  logits = _logits_jit(config.build())({"params": params}, {"decoder_input_tokens": tokens})
+  np.testing.assert_allclose(logits, expected, atol=TOL, rtol=0)
+  exported = text.gpt2_to_hf(params, config)
+  for name, value in hf.state_dict().items():
+    torch.testing.assert_close(exported[name], value, rtol=0, atol=0)
+
+
 def test_gpt2_export_round_trips(tmp_path):
   hf = _hf_gpt2()
   state_dict = hf.state_dict()
@@ -128,10 +144,13 @@ def test_bert_pretraining_heads_match_hugging_face():
                              atol=TOL, rtol=0)
 
 
-def test_bert_model_without_heads_matches_hugging_face():
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_bert_model_without_heads_matches_hugging_face(scan_layers):
   hf = transformers.BertModel(_bert_config()).eval()
-  config = text.bert_config_from_hf(hf.config, pretraining_heads=False, dropout_rate=0.0)
+  config = text.bert_config_from_hf(hf.config, pretraining_heads=False, dropout_rate=0.0,
+                                    scan_layers=scan_layers)
   params = text.bert_from_hf(hf.state_dict(), config)  # no "bert." prefix, no cls.* keys
+  assert ("blocks" in params) == scan_layers
   tokens, types = _bert_batch()
   with torch.no_grad():
     expected = hf(torch.tensor(tokens[:1]), token_type_ids=torch.tensor(types[:1]))
@@ -162,11 +181,12 @@ def _hf_t5(version):
   return model
 
 
-@pytest.mark.parametrize("chunk_rows", [None, 5], ids=["default", "causal-chunks"])
-@pytest.mark.parametrize("version", ["v1.0", "v1.1"])
-def test_t5_logits_match_hugging_face(version, chunk_rows):
+@pytest.mark.parametrize("version, chunk_rows, scan_layers", [
+    ("v1.0", None, False), ("v1.0", 5, False), ("v1.1", None, False), ("v1.1", 5, False),
+    ("v1.1", None, True)])
+def test_t5_logits_match_hugging_face(version, chunk_rows, scan_layers):
   hf = _hf_t5(version)
-  config = text.t5_config_from_hf(hf.config)
+  config = text.t5_config_from_hf(hf.config, scan_layers=scan_layers)
   assert config.tie_embeddings == (version == "v1.0")
   assert config.activation == ("gated_gelu" if version == "v1.1" else "relu")
   params = text.t5_from_hf(hf.state_dict(), config)

@@ -77,6 +77,11 @@ def test_vit_classifier_logits_and_hidden_states_match_hf():
   logits, hidden = run(config.build(), params, x, with_features=True)
   assert_close(logits, ref_logits)
   assert_close(hidden, ref_hidden)
+  # The same checkpoint into a scanned ViT: the layers stacked, the same logits.
+  scanned = vision.vit_config_from_hf(hf_config, scan_layers=True)
+  stacked = convert.vit_from_hf(hf.state_dict(), scanned)
+  assert stacked["block"]["mlp"]["wi"]["kernel"].shape == (2, 32, 64)
+  assert_close(run(scanned.build(), stacked, x), ref_logits)
 
 
 def test_vit_new_resolution_matches_hf_interpolate_pos_encoding():
@@ -168,6 +173,11 @@ def test_mae_matches_hf_vit_mae_with_the_same_noise():
   np.testing.assert_array_equal(np.asarray(out["mask"]), ref.mask.numpy())
   np.testing.assert_allclose(float(out["loss"]), ref.loss.item(), rtol=1e-5)
   assert int(np.asarray(out["mask"]).sum()) == 2 * (16 - int(16 * (1 - 0.6)))
+  scanned = vision.mae_config_from_hf(hf_config, scan_layers=True, remat="dots")
+  stacked = vision.mae_from_hf(hf.state_dict(), scanned)
+  assert stacked["decoder_block"]["mlp"]["wi"]["kernel"].shape == (1, 16, 32)
+  out = run(scanned.build(), stacked, x, ids_restore=ref.ids_restore.numpy())
+  assert_close(out["pred"], ref.logits.numpy())
 
 
 def test_mae_rejects_a_checkpoint_with_other_position_tables():

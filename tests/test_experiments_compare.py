@@ -622,3 +622,13 @@ def test_names_are_scored_with_seqlab_metrics():
   assert scores["name_bleu"] == pytest.approx(sacrebleu.corpus_bleu(
       ["get value", "foo", "", "parse HTTP Header"],
       [["get value", "foo bar", "baz", "parse http header"]]).score)
+
+
+def test_fingerprint_ignores_how_a_run_is_observed_but_not_its_numbers():
+  base = grid.fingerprint(smoke_config())
+  observed = smoke_config("--config.train.profile_steps=1,2", "--config.train.checkpoint_every=1",
+                          "--config.grid.num_seeds=3")
+  assert grid.fingerprint(observed) == base
+  for override in ("--config.train.steps=4", "--config.optimizer.learning_rate=0.1",
+                   "--config.data.seq_length=64"):
+    assert grid.fingerprint(smoke_config(override)) != base, override

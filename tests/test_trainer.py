@@ -3,11 +3,13 @@
 The oracle is plain SGD on softmax regression in NumPy float64. The engine's guarantees are
 checked one by one: exact resume after a crash and after SIGTERM (bitwise), `metrics.jsonl`
 with each step once, the work-directory lock and its stale rule, the config-drift check, the
-NaN stop.
+NaN stop; and the profile of chosen steps.
 """
 
+import gzip
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -196,3 +198,22 @@ def test_bad_options_name_the_field():
       trainer.Options(**kwargs)
   with pytest.raises(ValueError, match="mesh.strategy='pmap'"):
     trainer.Options(steps=1, strategy="pmap")
+  for value in ("3,2", "0,1", "2,5", "two", "1,2,3", ",", (2, 1), (1.0, 2), 3):
+    with pytest.raises(ValueError, match=re.escape(f"train.profile_steps={value!r}")):
+      trainer.Options(steps=4, profile_steps=value)
+  assert [trainer.profile_range(v, 4) for v in ("", "2, 4", "3", (1, 2), ())] == [
+      None, (2, 4), (3, 3), (1, 2), None]
+
+
+def test_profile_steps_trace_those_steps_into_the_workdir(tmp_path):
+  _run(3, tmp_path, config={"train": {"steps": 3, "profile_steps": "2,3"}}, profile_steps="2,3")
+  (trace,) = (tmp_path / "profile" / "plugins" / "profile").iterdir()  # TensorBoard's layout
+  assert [p.stat().st_size > 0 for p in trace.glob("*.xplane.pb")] == [True]
+  with gzip.open(trace / "perfetto_trace.json.gz") as f:
+    events = json.load(f)["traceEvents"]
+  assert sorted(int(e["args"]["step_num"]) for e in events if e.get("name") == "train") == [2, 3]
+  # Profiling changes no number: a resumed run may drop (or add) it.
+  resumed = _run(4, tmp_path, config={"train": {"steps": 4}})
+  assert (resumed.start_step, resumed.step) == (3, 4)
+  with pytest.raises(ValueError, match=r"train.profile_steps='1,1' needs a workdir"):
+    _run(2, profile_steps="1,1")

@@ -96,7 +96,9 @@ class _Reader:
 
 
 def _check_shapes(params: dict, config) -> dict:
-  """Checks converted params against the config's parameter shapes; returns jax arrays."""
+  """Checks converted (unrolled) params against the config's parameter shapes; returns jax
+  arrays in the config's layer layout (stacked with `scan_layers`)."""
+  params = models.match_layout(params, config)
   expected = models.param_shapes(config)
   flat_expected = {jax.tree_util.keystr(p): x.shape
                    for p, x in jax.tree_util.tree_leaves_with_path(expected)}
@@ -210,7 +212,8 @@ def gpt2_to_hf(params: dict, config: DecoderConfig, *, return_tensors: str = "pt
   _check_gpt2_config(config)
   if return_tensors not in ("pt", "np"):
     raise ValueError(f"return_tensors={return_tensors!r} is not one of ('pt', 'np')")
-  p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), dict(params))
+  p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32),
+                             dict(models.match_layout(params, models.unrolled(config))))
   d = config.d_model
   out = {"transformer.wte.weight": p["token_embed"]["embedding"],
          "transformer.wpe.weight": p["position_embed"]["embedding"]}

@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from seqlab.models import param_shapes
+from seqlab.models import match_layout, param_shapes, unrolled
 from seqlab.models.mae import MAEConfig
 from seqlab.models.mae import position_table as mae_position_table
 from seqlab.models.swin import SwinConfig
@@ -126,7 +126,7 @@ class _Builder:
     if unused:
       raise ValueError(f"checkpoint tensors not used by the seqlab model (does the config "
                        f"match the checkpoint?): {unused}")
-    expected = _flatten(param_shapes(config))
+    expected = _flatten(param_shapes(unrolled(config)))
     missing = sorted("/".join(p) for p in expected if p not in self.flat)
     extra = sorted("/".join(p) for p in self.flat if p not in expected)
     if missing or extra:
@@ -136,7 +136,7 @@ class _Builder:
       if self.flat[path].shape != tuple(shape.shape):
         raise ValueError(f"parameter {'/'.join(path)}: checkpoint shape "
                          f"{self.flat[path].shape}, config expects {tuple(shape.shape)}")
-    return _unflatten(self.flat)
+    return match_layout(_unflatten(self.flat), config)
 
 
 def _flatten(tree, prefix=()) -> dict:

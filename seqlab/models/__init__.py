@@ -6,6 +6,10 @@ Each family module (`transformer`, `vit`, `mae`, `swin`) defines frozen config d
 * `build() -> flax.linen.Module` — the model, whose `__call__(batch, *, train=False)` takes the
   feature dict of docs/design.md's feature contract;
 * `dummy_batch(batch_size=1) -> dict` — a minimal feature dict used to trace shapes.
+
+A Transformer config with `scan_layers` keeps its blocks' parameters stacked on a leading layer
+axis (the stacks named by its `STACKS`); `match_layout` converts parameters of either layout
+to a config's, so checkpoints and converted weights move between the two.
 """
 
 from __future__ import annotations
@@ -73,3 +77,21 @@ def num_params(name_or_config) -> int:
   """Trainable parameters (the `params` collection), counted from shapes alone."""
   shapes = param_shapes(name_or_config)
   return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
+
+
+def unrolled(config):
+  """`config` with its layers unrolled (itself when it has no `scan_layers` field)."""
+  if getattr(config, "scan_layers", False):
+    return dataclasses.replace(config, scan_layers=False)
+  return config
+
+
+def match_layout(params, config):
+  """`params` of either layer layout -> the layout `config` builds: stacks (`config.STACKS`)
+  stacked on a leading layer axis with `scan_layers`, one `{stack}_{i}` entry per layer
+  without. Values are unchanged."""
+  from seqlab import layers  # pylint: disable=g-import-not-at-top
+  stacks = getattr(config, "STACKS", ())
+  if getattr(config, "scan_layers", False):
+    return layers.stack_params(params, stacks)
+  return layers.unstack_params(params, stacks)

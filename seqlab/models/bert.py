@@ -53,10 +53,15 @@ class EncoderConfig:
   pretraining_heads: bool = False  # add MLM + NSP heads (see the module docstring)
   init_std: float = 0.02
   dtype: str = "float32"
+  scan_layers: bool = False       # blocks under nn.scan, parameters stacked (seqlab.layers)
+  remat: str = "none"             # "none" | "full" | "dots" (seqlab.layers.REMAT_POLICIES)
+
+  STACKS = ("blocks",)            # the layer stacks' names (seqlab.layers.stack_params)
 
   def __post_init__(self):
     check_positive(self, "vocab_size", "d_model", "num_heads", "num_kv_heads", "head_dim",
                    "d_ff", "num_layers", "max_length", "type_vocab_size")
+    layers.check_stack_options(self.scan_layers, self.remat)
     check_heads(self.num_heads, self.num_kv_heads)
     layers.check_choice("activation", self.activation, layers.ACTIVATIONS)
     if not 0.0 <= self.dropout_rate < 1.0:
@@ -82,13 +87,12 @@ class Encoder(nn.Module):
     self.position_embed = embed(c.max_length)
     self.type_embed = embed(c.type_vocab_size)
     self.embed_norm = layers.LayerNorm(eps=c.norm_eps, dtype=dtype)
-    self.blocks = [
-        layers.Block(features=c.d_model, num_heads=c.num_heads, head_dim=c.head_dim,
-                     d_ff=c.d_ff, num_kv_heads=c.num_kv_heads, activation=c.activation,
-                     norm="layernorm", norm_position="post", norm_eps=c.norm_eps,
-                     use_bias=True, dropout_rate=c.dropout_rate, init_std=c.init_std,
-                     dtype=dtype)
-        for _ in range(c.num_layers)]
+    self.blocks = layers.block_stack(
+        layers.Block, c.num_layers, name="blocks", scan_layers=c.scan_layers, remat=c.remat,
+        features=c.d_model, num_heads=c.num_heads, head_dim=c.head_dim, d_ff=c.d_ff,
+        num_kv_heads=c.num_kv_heads, activation=c.activation, norm="layernorm",
+        norm_position="post", norm_eps=c.norm_eps, use_bias=True,
+        dropout_rate=c.dropout_rate, init_std=c.init_std, dtype=dtype)
     self.pooler = dense(c.d_model)
     if c.pretraining_heads:
       self.mlm_transform = dense(c.d_model)
@@ -113,8 +117,7 @@ class Encoder(nn.Module):
     x_BTD = (self.token_embed(tokens_BT) + self.position_embed(positions_BT)
              + self.type_embed(types_BT))
     x_BTD = self.dropout(self.embed_norm(x_BTD), deterministic=not train)
-    for block in self.blocks:
-      x_BTD = block(x_BTD, mask=mask, train=train)
+    x_BTD, _ = layers.apply_stack(self.blocks, x_BTD, mask=mask, train=train)
     pooled_BTD = jnp.tanh(self.pooler(x_BTD))
     out = {"hidden": x_BTD.astype(jnp.float32), "pooled": pooled_BTD.astype(jnp.float32)}
     if c.pretraining_heads:

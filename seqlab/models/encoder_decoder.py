@@ -60,11 +60,16 @@ class EncoderDecoderConfig:
   scale_embeddings: bool = False  # Vaswani: embeddings * sqrt(d_model)
   dropout_rate: float = 0.1
   dtype: str = "float32"
+  scan_layers: bool = False       # blocks under nn.scan, parameters stacked (seqlab.layers)
+  remat: str = "none"             # "none" | "full" | "dots" (seqlab.layers.REMAT_POLICIES)
+
+  STACKS = ("encoder_blocks", "decoder_blocks")  # seqlab.layers.stack_params
 
   def __post_init__(self):
     check_positive(self, "vocab_size", "d_model", "num_heads", "num_kv_heads", "head_dim",
                    "d_ff", "num_encoder_layers", "num_decoder_layers", "max_length",
                    "relative_num_buckets", "relative_max_distance")
+    layers.check_stack_options(self.scan_layers, self.remat)
     check_heads(self.num_heads, self.num_kv_heads)
     layers.check_choice("position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
     layers.check_choice("activation", self.activation, layers.ACTIVATIONS)
@@ -95,17 +100,17 @@ class EncoderDecoder(nn.Module):
     self.token_embed = layers.Embed(c.vocab_size, c.d_model, dtype=dtype,
                                     init_std=c.d_model ** -0.5 if c.scale_embeddings else 1.0)
 
-    def stack(num_layers, cross):
-      return [layers.Block(
+    def stack(num_layers, cross, name):
+      return layers.block_stack(
+          layers.Block, num_layers, name=name, scan_layers=c.scan_layers, remat=c.remat,
           features=c.d_model, num_heads=c.num_heads, head_dim=c.head_dim, d_ff=c.d_ff,
           num_kv_heads=c.num_kv_heads, activation=c.activation, norm=c.norm,
           norm_position=c.norm_position, norm_eps=c.norm_eps, use_bias=c.use_bias,
           has_cross_attention=cross, attention_scale=None if c.scale_attention else 1.0,
           dropout_rate=c.dropout_rate, mlp_dropout_rate=c.dropout_rate, dtype=dtype)
-          for _ in range(num_layers)]
 
-    self.encoder_blocks = stack(c.num_encoder_layers, False)
-    self.decoder_blocks = stack(c.num_decoder_layers, True)
+    self.encoder_blocks = stack(c.num_encoder_layers, False, "encoder_blocks")
+    self.decoder_blocks = stack(c.num_decoder_layers, True, "decoder_blocks")
     if c.norm_position == "pre":
       self.encoder_norm = layers.make_norm(c.norm, c.norm_eps, dtype)
       self.decoder_norm = layers.make_norm(c.norm, c.norm_eps, dtype)
@@ -163,8 +168,7 @@ class EncoderDecoder(nn.Module):
     if self.config.position_embedding == "relative":
       bias = self.encoder_relative_bias(positions_BS, positions_BS)
     x_BSD = self._embed(tokens_BS, positions_BS, train)
-    for block in self.encoder_blocks:
-      x_BSD = block(x_BSD, mask=mask, bias=bias, train=train)
+    x_BSD, _ = layers.apply_stack(self.encoder_blocks, x_BSD, mask=mask, bias=bias, train=train)
     return self._final("encoder_norm", x_BSD, train), valid_BS
 
   # -- decoder ---------------------------------------------------------------------------------
@@ -197,9 +201,9 @@ class EncoderDecoder(nn.Module):
     if self.config.position_embedding == "relative":
       bias = self.decoder_relative_bias(positions_BT, positions_BT)
     x_BTD = self._embed(tokens_BT, positions_BT, train)
-    for block in self.decoder_blocks:
-      x_BTD = block(x_BTD, mask=self_mask, bias=bias, encoded=encoded_BSD,
-                    cross_mask=cross_mask, train=train, is_causal=True)
+    x_BTD, _ = layers.apply_stack(self.decoder_blocks, x_BTD, mask=self_mask, bias=bias,
+                                  encoded=encoded_BSD, cross_mask=cross_mask, train=train,
+                                  is_causal=True)
     return self._logits(self._final("decoder_norm", x_BTD, train))
 
   def __call__(self, batch: dict, *, train: bool = False) -> jax.Array:
@@ -218,9 +222,14 @@ class EncoderDecoder(nn.Module):
       raise ValueError(f"encoded {tuple(encoded.shape)} and encoder_valid "
                        f"{tuple(jnp.shape(encoder_valid))} do not match batch_size={batch_size}")
     cache = layers.init_kv_cache(c.num_decoder_layers, batch_size, max_length, c.num_kv_heads,
-                                 c.head_dim, jnp.dtype(c.dtype))
-    for block, layer_cache in zip(self.decoder_blocks, cache["layers"]):
-      layer_cache["cross_k"], layer_cache["cross_v"] = block.cross_kv(encoded)
+                                 c.head_dim, jnp.dtype(c.dtype), stacked=c.scan_layers)
+    _, cross_kv = layers.apply_stack(self.decoder_blocks, encoded[:, :0],
+                                     method="stack_cross_kv", encoded=encoded)
+    if c.scan_layers:
+      cache["layers"]["cross_k"], cache["layers"]["cross_v"] = cross_kv
+    else:
+      for layer_cache, (cross_k, cross_v) in zip(cache["layers"], cross_kv):
+        layer_cache["cross_k"], layer_cache["cross_v"] = cross_k, cross_v
     cache["encoder_valid"] = jnp.asarray(encoder_valid).astype(jnp.bool_)
     return cache
 
@@ -239,13 +248,18 @@ class EncoderDecoder(nn.Module):
     if c.position_embedding == "relative":
       bias = self.decoder_relative_bias(step.positions, step.kv_positions)
     x_BTD = self._embed(jnp.asarray(tokens_BT), step.positions, False)
-    new_layers = []
-    for block, layer_cache in zip(self.decoder_blocks, cache["layers"]):
-      self_cache = {"k": layer_cache["k"], "v": layer_cache["v"]}
-      x_BTD, self_cache = block(x_BTD, mask=step.mask, bias=bias, cross_mask=cross_mask,
-                                cross_kv=(layer_cache["cross_k"], layer_cache["cross_v"]),
-                                cache=self_cache, cache_index=cache["end"])
-      new_layers.append({**layer_cache, **self_cache})
+    per_layer = cache["layers"]
+    if c.scan_layers:
+      self_cache = {"k": per_layer["k"], "v": per_layer["v"]}
+      cross_kv = (per_layer["cross_k"], per_layer["cross_v"])
+    else:
+      self_cache = [{"k": layer["k"], "v": layer["v"]} for layer in per_layer]
+      cross_kv = [(layer["cross_k"], layer["cross_v"]) for layer in per_layer]
+    x_BTD, self_cache = layers.apply_stack(
+        self.decoder_blocks, x_BTD, mask=step.mask, bias=bias, cross_mask=cross_mask,
+        cross_kv=cross_kv, cache=self_cache, cache_index=cache["end"])
+    new_layers = ({**per_layer, **self_cache} if c.scan_layers
+                  else [{**old, **new} for old, new in zip(per_layer, self_cache)])
     new_cache = {"layers": new_layers, "valid": step.kv_valid, "end": step.end,
                  "next_position": step.next_position, "encoder_valid": cache["encoder_valid"]}
     return self._logits(self._final("decoder_norm", x_BTD, False)), new_cache

@@ -77,10 +77,15 @@ class DecoderConfig:
   dropout_rate: float = 0.1
   init_std: float = 0.02
   dtype: str = "float32"          # compute dtype; parameters are float32
+  scan_layers: bool = False       # blocks under nn.scan, parameters stacked (seqlab.layers)
+  remat: str = "none"             # "none" | "full" | "dots" (seqlab.layers.REMAT_POLICIES)
+
+  STACKS = ("blocks",)            # the layer stacks' names (seqlab.layers.stack_params)
 
   def __post_init__(self):
     check_positive(self, "vocab_size", "d_model", "num_heads", "num_kv_heads", "head_dim",
                    "d_ff", "num_layers", "max_length")
+    layers.check_stack_options(self.scan_layers, self.remat)
     check_heads(self.num_heads, self.num_kv_heads)
     layers.check_choice("attention", self.attention, ATTENTION_TYPES)
     layers.check_choice("position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
@@ -111,14 +116,13 @@ class Decoder(nn.Module):
     if c.position_embedding == "learned":
       self.position_embed = layers.Embed(c.max_length, c.d_model, init_std=c.init_std,
                                          dtype=dtype)
-    self.blocks = [
-        layers.Block(features=c.d_model, num_heads=c.num_heads, head_dim=c.head_dim,
-                     d_ff=c.d_ff, num_kv_heads=c.num_kv_heads, activation=c.activation,
-                     norm=c.norm, norm_position="pre", norm_eps=c.norm_eps,
-                     use_bias=c.use_bias, rope=c.position_embedding == "rope",
-                     rope_base=c.rope_base, dropout_rate=c.dropout_rate, init_std=c.init_std,
-                     dtype=dtype)
-        for _ in range(c.num_layers)]
+    self.blocks = layers.block_stack(
+        layers.Block, c.num_layers, name="blocks", scan_layers=c.scan_layers, remat=c.remat,
+        features=c.d_model, num_heads=c.num_heads, head_dim=c.head_dim, d_ff=c.d_ff,
+        num_kv_heads=c.num_kv_heads, activation=c.activation, norm=c.norm,
+        norm_position="pre", norm_eps=c.norm_eps, use_bias=c.use_bias,
+        rope=c.position_embedding == "rope", rope_base=c.rope_base,
+        dropout_rate=c.dropout_rate, init_std=c.init_std, dtype=dtype)
     self.final_norm = layers.make_norm(c.norm, c.norm_eps, dtype)
     if not c.tie_embeddings:
       self.lm_head = layers.Dense(c.vocab_size, use_bias=False, init_std=c.init_std,
@@ -152,16 +156,15 @@ class Decoder(nn.Module):
                               decoder_target_tokens=batch.get("decoder_target_tokens"),
                               length=length)
     x_BTD = self._embed(tokens_BT, positions_BT, train)
-    for block in self.blocks:
-      x_BTD = block(x_BTD, mask=mask, positions=positions_BT, train=train,
-                    is_causal=c.attention == "causal")
+    x_BTD, _ = layers.apply_stack(self.blocks, x_BTD, mask=mask, positions=positions_BT,
+                                  train=train, is_causal=c.attention == "causal")
     return self._logits(x_BTD)
 
   def init_cache(self, batch_size: int, max_length: int) -> dict:
     """An empty KV cache with `max_length` slots per row (see `seqlab.layers.init_kv_cache`)."""
     c = self.config
     return layers.init_kv_cache(c.num_layers, batch_size, max_length, c.num_kv_heads,
-                                c.head_dim, jnp.dtype(c.dtype))
+                                c.head_dim, jnp.dtype(c.dtype), stacked=c.scan_layers)
 
   def extend(self, tokens_BT: jax.Array, cache: dict, valid_BT: jax.Array | None = None,
              bidirectional: bool = False) -> tuple[jax.Array, dict]:
@@ -181,11 +184,9 @@ class Decoder(nn.Module):
         raise ValueError(f"decoding reaches position {last - 1} but the position table has "
                          f"max_length={c.max_length}")
     x_BTD = self._embed(jnp.asarray(tokens_BT), step.positions, False)
-    new_layers = []
-    for block, layer_cache in zip(self.blocks, cache["layers"]):
-      x_BTD, layer_cache = block(x_BTD, mask=step.mask, positions=step.positions,
-                                 cache=layer_cache, cache_index=cache["end"])
-      new_layers.append(layer_cache)
+    x_BTD, new_layers = layers.apply_stack(self.blocks, x_BTD, mask=step.mask,
+                                           positions=step.positions, cache=cache["layers"],
+                                           cache_index=cache["end"])
     new_cache = {"layers": new_layers, "valid": step.kv_valid, "end": step.end,
                  "next_position": step.next_position}
     return self._logits(x_BTD), new_cache

@@ -20,14 +20,15 @@ all-zero row for the class token, in the encoder and the decoder.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from seqlab import layers
-from seqlab.models.vit import (EncoderBlock, PatchEmbed, check_common, check_image,
-                               drop_path_rates, pair, sincos_posemb)
+from seqlab.models.vit import (PatchEmbed, check_common, check_image, encoder_stack, pair,
+                               run_encoder_stack, sincos_posemb)
 
 _dense_init = nn.initializers.xavier_uniform()
 
@@ -123,11 +124,16 @@ class MAEConfig:
   layer_norm_eps: float = 1e-6
   drop_path_rate: float = 0.0
   dtype: str = "float32"
+  scan_layers: bool = False       # blocks under nn.scan, parameters stacked (seqlab.layers)
+  remat: str = "none"             # "none" | "full" | "dots" (seqlab.layers.REMAT_POLICIES)
+
+  STACKS = ("block", "decoder_block")  # the layer stacks' names (seqlab.layers.stack_params)
 
   def __post_init__(self):
     if isinstance(self.image_size, list):  # from a command-line override; keep it hashable
       object.__setattr__(self, "image_size", tuple(self.image_size))
     check_common(self)
+    layers.check_stack_options(self.scan_layers, self.remat)
     if not 0.0 <= self.mask_ratio < 1.0:
       raise ValueError(f"mask_ratio={self.mask_ratio} must be in [0, 1)")
     if self.posemb not in ("sincos2d", "sincos2d_big_vision"):
@@ -177,19 +183,16 @@ class MAE(nn.Module):
     # Encoder: the names of a ViT with posemb="sincos2d", so its weights fine-tune a ViT.
     self.patch_embed = PatchEmbed(cfg.d_model, cfg.patch_size, cfg.num_channels, dtype)
     self.cls_token = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, cfg.d_model))
-    rates = drop_path_rates(cfg.drop_path_rate, cfg.num_layers)
-    self.blocks = [EncoderBlock(cfg.num_heads, cfg.d_ff, cfg.layer_norm_eps, 0.0, rates[i], dtype,
-                                name=f"block_{i}") for i in range(cfg.num_layers)]
+    stack = functools.partial(encoder_stack, scan_layers=cfg.scan_layers, remat=cfg.remat,
+                              layer_norm_eps=cfg.layer_norm_eps, dtype=dtype)
+    self.blocks = stack(cfg.num_layers, name="block", num_heads=cfg.num_heads, d_ff=cfg.d_ff)
     self.norm = layers.LayerNorm(cfg.layer_norm_eps, dtype=dtype)
     # Decoder.
     self.decoder_embed = nn.Dense(cfg.decoder_d_model, dtype=dtype, kernel_init=_dense_init)
     self.mask_token = self.param("mask_token", nn.initializers.normal(0.02),
                                  (1, 1, cfg.decoder_d_model))
-    self.decoder_blocks = [
-        EncoderBlock(cfg.decoder_num_heads, cfg.decoder_d_ff, cfg.layer_norm_eps, 0.0, 0.0, dtype,
-                     name=f"decoder_block_{i}")
-        for i in range(cfg.decoder_num_layers)
-    ]
+    self.decoder_blocks = stack(cfg.decoder_num_layers, name="decoder_block",
+                                num_heads=cfg.decoder_num_heads, d_ff=cfg.decoder_d_ff)
     self.decoder_norm = layers.LayerNorm(cfg.layer_norm_eps, dtype=dtype)
     self.decoder_pred = nn.Dense(cfg.patch_size ** 2 * cfg.num_channels, dtype=dtype,
                                  kernel_init=_dense_init)
@@ -204,8 +207,8 @@ class MAE(nn.Module):
     x_BKD = jnp.take_along_axis(x_BLD, ids_keep[:, :, None], axis=1)
     cls = jnp.broadcast_to(self.cls_token, (batch, 1, d_model)).astype(x.dtype)
     x_BTD = jnp.concatenate([cls, x_BKD], axis=1)
-    for block in self.blocks:
-      x_BTD = block(x_BTD, train=train)
+    x_BTD = run_encoder_stack(self.blocks, x_BTD, cfg.num_layers, cfg.drop_path_rate,
+                              train=train)
     return self.norm(x_BTD)
 
   def decode(self, latent: jax.Array, ids_restore: jax.Array, grid_hw: tuple[int, int], *,
@@ -221,8 +224,8 @@ class MAE(nn.Module):
     x_BLD = jnp.take_along_axis(shuffled, ids_restore[:, :, None], axis=1)
     x_BTD = jnp.concatenate([x[:, :1], x_BLD], axis=1)
     x_BTD = x_BTD + position_table(cfg.posemb, grid_hw, dim).astype(x.dtype)
-    for block in self.decoder_blocks:
-      x_BTD = block(x_BTD, train=train)
+    x_BTD = run_encoder_stack(self.decoder_blocks, x_BTD, cfg.decoder_num_layers, 0.0,
+                              train=train)
     return self.decoder_pred(self.decoder_norm(x_BTD))[:, 1:]
 
   def __call__(self, batch: dict, *, train: bool = False) -> dict:

@@ -14,6 +14,7 @@ as Hugging Face's `interpolate_pos_encoding` by default) and a fixed one recompu
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -105,10 +106,13 @@ class DropPath(nn.Module):
   rate: float
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
-    if deterministic or self.rate == 0.0:
+  def __call__(self, x: jax.Array, *, deterministic: bool, rate=None) -> jax.Array:
+    """`rate` (a float or a traced scalar, as a scanned stack's per-layer rate) overrides the
+    attribute; a traced rate of 0 draws a mask of ones and divides by 1: the identity."""
+    rate = self.rate if rate is None else rate
+    if deterministic or (isinstance(rate, float) and rate == 0.0):
       return x
-    keep = 1.0 - self.rate
+    keep = 1.0 - rate
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     keep_mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
     return jnp.where(keep_mask, x / keep, jnp.zeros_like(x))
@@ -130,19 +134,49 @@ class EncoderBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BTD: jax.Array, *, train: bool = False) -> jax.Array:
+  def __call__(self, x_BTD: jax.Array, *, train: bool = False,
+               drop_path_rate=None) -> jax.Array:
+    """`drop_path_rate` (a scanned stack's per-layer rate) overrides the attribute."""
     d_model = x_BTD.shape[-1]
     if d_model % self.num_heads:
       raise ValueError(f"d_model={d_model} is not a multiple of num_heads={self.num_heads}")
-    drop_path = DropPath(self.drop_path_rate)
+    drop_path = functools.partial(DropPath(self.drop_path_rate), deterministic=not train,
+                                  rate=drop_path_rate)
     dropout = nn.Dropout(self.dropout_rate)
     y = layers.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="self_attention_norm")(x_BTD)
     y = layers.Attention(d_model, self.num_heads, d_model // self.num_heads, dtype=self.dtype,
                          name="self_attention")(y)
-    x_BTD = x_BTD + drop_path(dropout(y, deterministic=not train), deterministic=not train)
+    x_BTD = x_BTD + drop_path(dropout(y, deterministic=not train))
     y = layers.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="mlp_norm")(x_BTD)
     y = layers.MLP(d_model, self.d_ff, activation="gelu", dtype=self.dtype, name="mlp")(y)
-    return x_BTD + drop_path(dropout(y, deterministic=not train), deterministic=not train)
+    return x_BTD + drop_path(dropout(y, deterministic=not train))
+
+
+# How ViT and MAE run their `EncoderBlock` stacks (`seqlab.layers.block_stack`): the drop-path
+# rate differs per layer, so it is a per-layer call argument (a list of floats unrolled, an
+# array over layers scanned).
+STACK_ARGS = ("train", "drop_path_rate")
+STACK_PER_LAYER = {"drop_path_rate": 0}
+
+
+def encoder_stack(num_layers: int, *, name: str, scan_layers: bool, remat: str, **block_kwargs):
+  """`num_layers` `EncoderBlock`s; run them with `run_encoder_stack`."""
+  return layers.block_stack(EncoderBlock, num_layers, name=name, scan_layers=scan_layers,
+                            remat=remat, arg_names=STACK_ARGS, per_layer=STACK_PER_LAYER,
+                            **block_kwargs)
+
+
+def run_encoder_stack(stack, x_BTD: jax.Array, num_layers: int, drop_path_rate: float, *,
+                      train: bool) -> jax.Array:
+  """x through an `encoder_stack`, drop-path rates rising linearly from 0 to `drop_path_rate`."""
+  rates = None  # no stochastic depth: no rates, no random draws
+  if drop_path_rate:
+    rates = drop_path_rates(drop_path_rate, num_layers)
+    if not isinstance(stack, (list, tuple)):  # scanned: one array over layers
+      rates = jnp.asarray(rates, jnp.float32)
+  x_BTD, _ = layers.apply_stack(stack, x_BTD, arg_names=STACK_ARGS, per_layer=STACK_PER_LAYER,
+                                train=train, drop_path_rate=rates)
+  return x_BTD
 
 
 # ─── ViT ─────────────────────────────────────────────────────────────────────────────────────
@@ -173,11 +207,16 @@ class ViTConfig:
   dropout_rate: float = 0.0
   drop_path_rate: float = 0.0
   dtype: str = "float32"
+  scan_layers: bool = False       # blocks under nn.scan, parameters stacked (seqlab.layers)
+  remat: str = "none"             # "none" | "full" | "dots" (seqlab.layers.REMAT_POLICIES)
+
+  STACKS = ("block",)             # the layer stacks' names (seqlab.layers.stack_params)
 
   def __post_init__(self):
     if isinstance(self.image_size, list):  # from a command-line override; keep it hashable
       object.__setattr__(self, "image_size", tuple(self.image_size))
     check_common(self)
+    layers.check_stack_options(self.scan_layers, self.remat)
     if self.pool not in _POOLS:
       raise ValueError(f"pool={self.pool!r} must be one of {_POOLS}")
     if self.posemb not in _POSEMBS:
@@ -225,12 +264,10 @@ class ViT(nn.Module):
       self.pos_embedding = self.param(
           "pos_embedding", nn.initializers.normal(0.02),
           (1, cfg.num_prefix_tokens + grid_h * grid_w, cfg.d_model))
-    rates = drop_path_rates(cfg.drop_path_rate, cfg.num_layers)
-    self.blocks = [
-        EncoderBlock(cfg.num_heads, cfg.d_ff, cfg.layer_norm_eps, cfg.dropout_rate, rates[i],
-                     dtype, name=f"block_{i}")
-        for i in range(cfg.num_layers)
-    ]
+    self.blocks = encoder_stack(cfg.num_layers, name="block", scan_layers=cfg.scan_layers,
+                                remat=cfg.remat, num_heads=cfg.num_heads, d_ff=cfg.d_ff,
+                                layer_norm_eps=cfg.layer_norm_eps, dropout_rate=cfg.dropout_rate,
+                                dtype=dtype)
     self.norm = layers.LayerNorm(cfg.layer_norm_eps, dtype=dtype)
     if cfg.num_classes:
       self.head = nn.Dense(cfg.num_classes, dtype=dtype, kernel_init=nn.initializers.zeros)
@@ -266,8 +303,8 @@ class ViT(nn.Module):
     if cfg.posemb != "none":
       x_BTD = x_BTD + self.position_table((grid_h, grid_w)).astype(x_BTD.dtype)
     x_BTD = self.dropout(x_BTD, deterministic=not train)
-    for block in self.blocks:
-      x_BTD = block(x_BTD, train=train)
+    x_BTD = run_encoder_stack(self.blocks, x_BTD, cfg.num_layers, cfg.drop_path_rate,
+                              train=train)
     return self.norm(x_BTD)
 
   def __call__(self, batch: dict, *, train: bool = False) -> jax.Array:
