@@ -11,12 +11,13 @@ Config fields read here (see `experiments/configs/tiny.py` for a complete file):
 `optimizer.*` (`seqlab.train.OptimizerConfig`; `total_steps` 0 follows `train.steps`),
 `train.*` (steps, log/eval/checkpoint intervals, `accum_steps`, `task_kwargs`, `max_to_keep`,
 optional `best_metric`, `stop_check_every`, `profile_steps` "a,b": a `jax.profiler` trace of
-steps a through b in `<workdir>/profile`), `mesh.*` (strategy "data" | "fsdp", data x fsdp
-sizes, FSDP logical `rules`) and `distributed.*` (`initialize=True`:
-`jax.distributed.initialize()` with no arguments, which finds the processes itself on TPU pods
-and SLURM; or explicit coordinator_address, num_processes, process_id: num_processes > 1 joins
-that multi-process run; `heartbeat_timeout_s`: how soon the others stop when one process
-dies). A `workdir` may be a cloud-storage URL (`gs://bucket/run`; `seqlab.workdir`).
+steps a through b in `<workdir>/profile`), `mesh.*` (strategy "data" | "fsdp", data x fsdp x
+model sizes, `model` > 1 being tensor parallelism under "fsdp", logical `rules`) and
+`distributed.*` (`initialize=True`: `jax.distributed.initialize()` with no arguments, which
+finds the processes itself on TPU pods and SLURM; or explicit coordinator_address,
+num_processes, process_id: num_processes > 1 joins that multi-process run;
+`heartbeat_timeout_s`: how soon the others stop when one process dies). A `workdir` may be a
+cloud-storage URL (`gs://bucket/run`; `seqlab.workdir`).
 """
 
 from __future__ import annotations
@@ -273,14 +274,19 @@ def join_processes(config: ml_collections.ConfigDict) -> None:
 
 
 def make_mesh(config: ml_collections.ConfigDict):
-  """The `[data, fsdp]` mesh of `config.mesh` over every device of the run."""
-  if config.mesh.strategy not in parallel.STRATEGIES:
-    raise ValueError(f"mesh.strategy={config.mesh.strategy!r} is not one of "
-                     f"{parallel.STRATEGIES}")
+  """The `[data, fsdp, model]` mesh of `config.mesh` over every device of the run.
+
+  `mesh.model` (tensor parallelism) is 1 when the config's mesh section has no such field;
+  above 1 it needs `mesh.strategy="fsdp"`.
+  """
+  mesh_cfg = config.mesh
+  model = check_int("mesh.model", mesh_cfg.get("model", 1), 1)
+  parallel.check_strategy(mesh_cfg.strategy, model)  # before any device is asked
   try:
-    return parallel.make_mesh(int(config.mesh.data), int(config.mesh.fsdp))
+    return parallel.make_mesh(int(mesh_cfg.data), int(mesh_cfg.fsdp), model=model)
   except ValueError as e:
-    raise ValueError(f"{e} (mesh.data={config.mesh.data}, mesh.fsdp={config.mesh.fsdp})") from None
+    raise ValueError(f"{e} (mesh.data={mesh_cfg.data}, mesh.fsdp={mesh_cfg.fsdp}, "
+                     f"mesh.model={model})") from None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -1,23 +1,40 @@
-"""Device meshes and the two parallel strategies: data parallel (pmap semantics) and FSDP.
+"""Device meshes and the parallel strategies: data parallel (pmap semantics), FSDP, tensor.
 
-Both strategies run the same pure `train_step(state, batch, axis_name) -> (state, metrics)`
-and give the same numbers as one device:
+The mesh has three axes, `[data, fsdp, model]`. Both strategies run the same pure
+`train_step(state, batch, axis_name) -> (state, metrics)` and give the same numbers as one
+device:
 
 * **data**: the step runs per device under `jax.shard_map`; parameters and optimizer state are
   replicated, the batch is split over every device, and gradients and loss sums are reduced
   with `lax.psum` — what `jax.pmap` + `lax.pmean` do, without the pmap API.
 * **fsdp**: the step is `jax.jit`-ed with `NamedSharding`s: parameters and their optimizer state
-  are split over the `fsdp` mesh axis, the batch over all devices, and XLA inserts the
-  all-gathers and reduce-scatters.
+  are split over the `fsdp` mesh axis, the batch over the `data` and `fsdp` axes, and XLA
+  inserts the all-gathers and reduce-scatters. With a `model` axis > 1 (tensor parallelism,
+  Megatron-style) parameters are also split over `model` by the logical rules
+  `TENSOR_PARALLEL_RULES`: query / key / value projections by head and the MLP's input by its
+  hidden unit (column-parallel), the attention output and the MLP's output likewise on their
+  input side (row-parallel), embeddings and LM head by vocabulary entry. The mesh axes are
+  `AxisType.Auto`, so XLA's sharding propagation derives the activations' shardings and the
+  collectives (Megatron's all-reduce after each row-parallel matmul) from the parameters'
+  alone; the models carry no sharding annotations. Every device of one `model` group sees the
+  same batch rows. "data" (shard_map) replicates the parameters and refuses `model` > 1.
 
 Which dimension of a parameter FSDP splits:
 
-* with logical axis rules (`rules=(("embed", "fsdp"), ...)`, from the config), every parameter
-  whose path `seqlab.layers.param_logical_axes` names gets the mesh axis of the first rule of
-  one of its logical axes that divides the dimension (t5x / MaxText's rule); optimizer-state
-  leaves follow the parameter they mirror (same path suffix and shape);
-* everything else, and every leaf when no rules are given, follows `fsdp_spec`: the largest
+* with logical axis rules (`rules=(("embed", "fsdp"), ...)`, from the config, plus
+  `TENSOR_PARALLEL_RULES` for the logical names they leave out when `model` > 1), every
+  parameter whose path `seqlab.layers.param_logical_axes` names gets the mesh axis of the first
+  rule of one of its logical axes that divides the dimension (t5x / MaxText's rule); one that
+  the rules leave off "fsdp" gets it on its largest remaining divisible dimension as
+  `fsdp_spec` chooses (never a scanned stack's "layers" axis); optimizer-state leaves follow
+  the parameter they mirror (same path suffix and shape);
+* everything else, and every leaf when no rules apply, follows `fsdp_spec`: the largest
   dimension divisible by the fsdp size, replicated below 1,024 elements.
+
+A logical axis that a rule maps to "model" must divide by the `model` size (as t5x requires;
+MaxText pads the vocabulary instead, which would change the parameters' shapes): heads,
+kv heads, d_ff and the vocabulary; anything else is a ValueError naming the field. A rule
+`("vocab", None)` keeps the vocabulary whole (replicated over `model`) instead.
 
 Multi-host: call `initialize_distributed()` first; each process then feeds its own rows of the
 global batch through `global_batch(...)` (`jax.make_array_from_process_local_data`).
@@ -36,9 +53,14 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from seqlab import layers
 
-DATA_AXES = ("data", "fsdp")  # the batch is split over both axes
+DATA_AXES = ("data", "fsdp")  # the batch is split over both; "model" groups share rows
 STRATEGIES = ("data", "fsdp")
-MESH_AXES = ("data", "fsdp")
+# Ordered by increasing communication: `jax.make_mesh` puts the last axis on the nearest chips.
+MESH_AXES = ("data", "fsdp", "model")
+# Megatron's split, as logical axis rules: added for the names a config's rules leave out.
+TENSOR_PARALLEL_RULES = (("heads", "model"), ("mlp", "model"), ("vocab", "model"))
+# The config field behind each logical name that tensor parallelism splits (error messages).
+_FIELDS = {"mlp": "d_ff", "vocab": "vocab_size"}
 
 
 def initialize_distributed(coordinator_address: str | None = None,
@@ -66,29 +88,56 @@ def initialize_distributed(coordinator_address: str | None = None,
                              num_processes=num_processes, process_id=process_id, **extra)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
-  """A `[data, fsdp]` device mesh with axes ("data", "fsdp"), both of type `AxisType.Auto`.
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = None, *,
+              model: int = 1) -> Mesh:
+  """A `[data, fsdp, model]` device mesh with axes `MESH_AXES`, all of type `AxisType.Auto`.
 
-  `-1` for one axis means "all remaining devices"; data * fsdp must equal the device count.
-  Devices keep `jax.devices()` order (process by process), so each process's devices hold a
-  contiguous block of batch rows.
+  `-1` for `data` or `fsdp` means "all remaining devices"; data * fsdp * model must equal the
+  device count. `jax.make_mesh` lays the devices out (`jax.devices()` order on CPU, by
+  physical topology on TPU, with "model" on the nearest chips); each process's devices then
+  hold whole `model` groups, so a process feeds distinct batch rows (ValueError otherwise).
   """
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
+  if isinstance(model, bool) or not isinstance(model, (int, np.integer)) or (
+      model < 1 or n % model):
+    raise ValueError(f"mesh model={model!r} does not divide the device count {n}")
   if data == -1 and fsdp == -1:
     raise ValueError("mesh data=-1 and fsdp=-1: at most one axis may be -1")
   if data == -1:
-    if fsdp <= 0 or n % fsdp:
-      raise ValueError(f"mesh fsdp={fsdp} does not divide the device count {n}")
-    data = n // fsdp
+    if fsdp <= 0 or n % (fsdp * model):
+      raise ValueError(f"mesh fsdp={fsdp} x model={model} does not divide the device count {n}")
+    data = n // (fsdp * model)
   if fsdp == -1:
-    if data <= 0 or n % data:
-      raise ValueError(f"mesh data={data} does not divide the device count {n}")
-    fsdp = n // data
-  if data < 1 or fsdp < 1 or data * fsdp != n:
-    raise ValueError(f"mesh data={data} x fsdp={fsdp} does not match the device count {n}")
-  device_grid = np.asarray(devices, dtype=object).reshape(data, fsdp)
-  return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+    if data <= 0 or n % (data * model):
+      raise ValueError(f"mesh data={data} x model={model} does not divide the device count {n}")
+    fsdp = n // (data * model)
+  if data < 1 or fsdp < 1 or data * fsdp * model != n:
+    raise ValueError(f"mesh data={data} x fsdp={fsdp} x model={model} does not match the "
+                     f"device count {n}")
+  mesh = jax.make_mesh((data, fsdp, model), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                       devices=devices)
+  # A model group split over processes would need the same rows from each of them.
+  groups = mesh.devices.reshape(-1, model)
+  if any(len({d.process_index for d in group}) > 1 for group in groups):
+    raise ValueError(f"mesh model={model} spans the devices of several processes; it must "
+                     f"divide the {jax.local_device_count()} devices of each process")
+  return mesh
+
+
+def model_size(mesh) -> int:
+  """The size of the mesh's "model" (tensor-parallel) axis; 1 for a mesh without one."""
+  return dict(mesh.shape).get("model", 1)
+
+
+def check_strategy(strategy: str, model: int = 1) -> None:
+  """ValueError unless `strategy` is known and can run with a "model" axis of size `model`
+  ("data" replicates every parameter, so it needs `model` == 1)."""
+  if strategy not in STRATEGIES:
+    raise ValueError(f"mesh.strategy={strategy!r} is not one of {STRATEGIES}")
+  if strategy != "fsdp" and model > 1:
+    raise ValueError(f"mesh.model={model} needs mesh.strategy=fsdp (strategy {strategy!r} "
+                     "replicates every parameter on every device)")
 
 
 def num_data_shards(mesh: Mesh) -> int:
@@ -98,10 +147,12 @@ def num_data_shards(mesh: Mesh) -> int:
 
 def check_batch_size(batch_size: int, mesh: Mesh, name: str = "batch_size") -> None:
   """ValueError unless `batch_size` splits evenly over every device of `mesh`."""
-  shards = num_data_shards(mesh)
+  shards, model = num_data_shards(mesh), model_size(mesh)
   if batch_size < 1 or batch_size % shards:
-    raise ValueError(f"{name}={batch_size} is not divisible by the {shards} devices of the mesh "
-                     f"(data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
+    where = (f"devices of the mesh (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})"
+             if model == 1 else f"batch shards of the mesh (data={mesh.shape['data']} x fsdp="
+             f"{mesh.shape['fsdp']}; each shard's rows go to mesh.model={model} devices)")
+    raise ValueError(f"{name}={batch_size} is not divisible by the {shards} {where}")
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -114,21 +165,22 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = 2**10) -> P:
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = 2**10,
+              base: P | None = None, frozen: Sequence[int] = ()) -> P:
   """Splits the largest dimension divisible by `fsdp_size` over "fsdp"; small arrays replicate.
 
   MaxText's default FSDP rule: it needs no per-layer annotations and shards almost all the
-  bytes of a Transformer. Ties go to the earlier dimension.
+  bytes of a Transformer. Ties go to the earlier dimension. With `base` (a spec from logical
+  rules that leaves "fsdp" unused), only its unsplit dimensions outside `frozen` are candidates
+  and the result keeps `base`'s other entries.
   """
-  if fsdp_size == 1 or math.prod(shape) < min_size:
-    return P()
-  order = sorted(range(len(shape)), key=lambda i: -shape[i])
-  for i in order:
-    if shape[i] % fsdp_size == 0:
-      spec = [None] * len(shape)
-      spec[i] = "fsdp"
-      return P(*spec)
-  return P()
+  spec = [None] * len(shape) if base is None else [*base, *[None] * (len(shape) - len(base))]
+  if fsdp_size > 1 and math.prod(shape) >= min_size and "fsdp" not in spec:
+    for i in sorted(range(len(shape)), key=lambda i: -shape[i]):
+      if spec[i] is None and i not in frozen and shape[i] % fsdp_size == 0:
+        spec[i] = "fsdp"
+        break
+  return P(*spec) if any(axis is not None for axis in spec) else P()
 
 
 def logical_spec(axes: Sequence[str | None], shape: tuple[int, ...], mesh: Mesh,
@@ -162,6 +214,31 @@ def _check_rules(rules, mesh: Mesh):
   return rules
 
 
+def effective_rules(rules: Sequence[Sequence[str | None]] | None, mesh) -> list[tuple]:
+  """`rules` plus, on a mesh whose "model" axis is > 1, the `TENSOR_PARALLEL_RULES` entries
+  for the logical names `rules` do not mention (so `("vocab", None)` keeps "vocab" whole)."""
+  rules = _check_rules(rules or (), mesh)
+  if model_size(mesh) > 1:
+    named = {rule[0] for rule in rules}
+    rules += [rule for rule in TENSOR_PARALLEL_RULES if rule[0] not in named]
+  return rules
+
+
+def _check_divisible(keys: tuple[str, ...], axes, shape, mesh, rules) -> None:
+  """ValueError naming the config field when a dimension that `rules` send to "model" does not
+  divide by its size (`logical_spec` would quietly leave it whole)."""
+  model = model_size(mesh)
+  to_model = {logical for logical, mesh_axis in rules if mesh_axis == "model"}
+  for name, size in zip(axes, shape):
+    if model > 1 and name in to_model and size % model:
+      field = _FIELDS.get(name, name)
+      if name == "heads":
+        field = "num_kv_heads" if {"key", "value"} & set(keys) else "num_heads"
+      raise ValueError(f"mesh.model={model} does not divide {field}={size} (logical axis "
+                       f"{name!r} of {'/'.join(keys)}); use a mesh.model that divides it, or "
+                       f"a rule ({name!r}, None) in mesh.rules to keep it whole")
+
+
 def _path_keys(path) -> tuple[str, ...]:
   keys = []
   for k in path:
@@ -176,26 +253,30 @@ def state_shardings(state_shapes: Any, mesh: Mesh, strategy: str,
                     rules: Sequence[Sequence[str | None]] | None = None) -> Any:
   """A pytree of `NamedSharding` for a train state (shapes from `jax.eval_shape`).
 
-  "data" replicates everything. "fsdp" uses the logical `rules` for the parameters they name
-  (and the optimizer-state leaves mirroring them) and `fsdp_spec` for the rest; see the module
-  docstring.
+  "data" replicates everything. "fsdp" uses the logical `rules` (with the tensor-parallel
+  defaults when the mesh's "model" axis is > 1: `effective_rules`) for the parameters they
+  name (and the optimizer-state leaves mirroring them) and `fsdp_spec` for the rest; see the
+  module docstring. ValueError for "data" on a "model" axis > 1 and for a dimension the rules
+  send to "model" that it does not divide.
   """
-  if strategy not in STRATEGIES:
-    raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
+  check_strategy(strategy, model_size(mesh))
   if strategy == "data":
     return jax.tree_util.tree_map(lambda _: replicated(mesh), state_shapes)
   fsdp_size = mesh.shape["fsdp"]
   by_path: dict[tuple[str, ...], tuple[tuple[int, ...], P]] = {}
   params = getattr(state_shapes, "params", None)
+  rules = effective_rules(rules, mesh)
   if rules and params is not None:
-    rules = _check_rules(rules, mesh)
     axes_tree = layers.param_logical_axes(params)
     for (path, leaf), axes in zip(
         jax.tree_util.tree_flatten_with_path(params)[0],
         jax.tree_util.tree_leaves(axes_tree, is_leaf=lambda x: isinstance(x, tuple))):
-      spec = logical_spec(axes, tuple(leaf.shape), mesh, rules)
+      keys, shape = _path_keys(path), tuple(leaf.shape)
+      _check_divisible(keys, axes, shape, mesh, rules)
+      spec = logical_spec(axes, shape, mesh, rules)
       if spec is not None:
-        by_path[_path_keys(path)] = (tuple(leaf.shape), spec)
+        frozen = [i for i, name in enumerate(axes) if name == "layers"]
+        by_path[keys] = (shape, fsdp_spec(shape, fsdp_size, base=spec, frozen=frozen))
 
   def sharding(path, leaf):
     shape = tuple(leaf.shape)
@@ -229,6 +310,7 @@ def distribute_step(step_fn: Callable, mesh: Mesh, strategy: str, state_sharding
   `check_vma=False` keeps pmap's semantics: gradients of replicated parameters are local until
   the step's explicit `psum` (with vma checking, autodiff would insert a second one).
   """
+  check_strategy(strategy, model_size(mesh))
   batch_shard = batch_sharding(mesh)
   donate_argnums = (0,) if donate else ()
   if strategy == "data":

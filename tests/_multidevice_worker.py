@@ -1,5 +1,9 @@
 """Runs in a subprocess with 8 host CPU devices: strategy equivalence and device-count errors.
 
+The strategies: "data" on 8 devices, "fsdp" on a 2x4 mesh, and "tensor": fsdp on the
+data 2 x fsdp 2 x model 2 mesh that `loop.make_mesh` builds from the config (tensor
+parallelism), whose checkpoint is then read back on one device as `seqlab eval` reads it.
+
 Usage: _multidevice_worker.py SCRATCH_DIR. Prints one JSON object on stdout (see `main`).
 XLA_FLAGS must ask for the devices before jax is imported, which the pytest process has done
 already; tests/_helpers.py runs this file once per test session.
@@ -19,6 +23,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
 
+from seqlab import checkpoint  # noqa: E402  pylint: disable=wrong-import-position
 from seqlab import config as config_lib  # noqa: E402  pylint: disable=wrong-import-position
 from seqlab import loop, parallel  # noqa: E402  pylint: disable=wrong-import-position
 from seqlab import train as train_lib  # noqa: E402  pylint: disable=wrong-import-position
@@ -29,6 +34,7 @@ import _multihost_worker  # noqa: E402  pylint: disable=wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 5
+TENSOR_PARALLEL = ("mesh.strategy=fsdp", "mesh.data=2", "mesh.fsdp=2", "mesh.model=2")
 
 
 def tiny_config(arch: str, *overrides: str):
@@ -67,7 +73,8 @@ class Runner:
                                                              experiment.tx))
 
   def run(self, data, mesh=None, strategy=None, rules=None, initial=None):
-    """Steps over `data`; returns (losses, NumPy params, the layout of one kernel)."""
+    """Steps over `data`; returns (losses, NumPy params, the layout of one kernel). The last
+    state stays in `self.state`."""
     initial = self.initial if initial is None else initial
     if mesh is None:  # one device, no mesh at all
       device = jax.devices()[0]
@@ -89,24 +96,56 @@ class Runner:
     layout = {"spec": str(getattr(kernel.sharding, "spec", None)),
               "shard_shape": list(kernel.addressable_shards[0].data.shape),
               "mu_spec": str(getattr(mu_kernel.sharding, "spec", None))}
+    self.state = state
     return losses, loop.numpy_params(state.params), layout
 
 
-def equivalence(arch: str) -> tuple[dict, Runner]:
+def specs(params) -> dict[str, str]:
+  """The `PartitionSpec` of one kernel of each kind that tensor parallelism splits."""
+  first = "blocks_0" if "blocks_0" in params else "encoder_blocks_0"
+  attention, mlp = params[first]["self_attention"], params[first]["mlp"]
+  chosen = {"query": attention["query"]["kernel"], "key": attention["key"]["kernel"],
+            "out": attention["out"]["kernel"], "wi": (mlp.get("wi") or mlp["wi_0"])["kernel"],
+            "wo": mlp["wo"]["kernel"], "token_embed": params["token_embed"]["embedding"]}
+  return {name: str(x.sharding.spec) for name, x in chosen.items()}
+
+
+def restored_on_one_device(experiment, config, state, scratch: str) -> dict:
+  """Saves a state as the trainer does and reads it back with `loop.restore_params` (what
+  `seqlab eval` / `generate` call): where its parameters land and how far they moved."""
+  workdir = os.path.join(scratch, f"tensor_{experiment.architecture}")
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  ckpt.save(STEPS, state, config=config.to_dict(), force=True)
+  ckpt.close()
+  _, params, step = loop.restore_params(config, workdir)
+  devices = {d for x in jax.tree_util.tree_leaves(params) for d in x.sharding.device_set}
+  return {"step": step, "devices": len(devices),
+          "param_diff": parallel.tree_max_abs_diff(loop.numpy_params(params),
+                                                   loop.numpy_params(state.params))}
+
+
+def equivalence(arch: str, scratch: str) -> tuple[dict, Runner]:
   config = tiny_config(arch)
   runner = Runner(loop.build(config))
   data = batches(config, runner.experiment, STEPS)
   ref_losses, ref_params, _ = runner.run(data)
   out = {"losses": ref_losses}
-  # The decoder's FSDP follows logical-axis rules, the encoder-decoder's the heuristic.
+  # The decoder's FSDP follows logical-axis rules, the encoder-decoder's the heuristic (and,
+  # with tensor parallelism, the default rules for heads, d_ff and vocabulary besides).
   rules = [("embed", "fsdp")] if arch == "decoder" else None
+  tensor_config = tiny_config(arch, *TENSOR_PARALLEL)
   variants = {"data": (parallel.make_mesh(8, 1), "data", None),
-              "fsdp": (parallel.make_mesh(2, 4), "fsdp", rules)}
+              "fsdp": (parallel.make_mesh(2, 4), "fsdp", rules),
+              "tensor": (loop.make_mesh(tensor_config), "fsdp", rules)}
   for name, (mesh, strategy, rules) in variants.items():
     losses, params, layout = runner.run(data, mesh, strategy, rules)
     out[name] = {"loss_diff": float(np.max(np.abs(np.subtract(losses, ref_losses)))),
                  "param_diff": parallel.tree_max_abs_diff(params, ref_params),
                  "layout": layout}
+  out["tensor"]["mesh"] = dict(variants["tensor"][0].shape)
+  out["tensor"]["specs"] = specs(runner.state.params)
+  out["tensor"]["restored"] = restored_on_one_device(runner.experiment, tensor_config,
+                                                     runner.state, scratch)
   return out, runner
 
 
@@ -129,12 +168,27 @@ def bad_batch_size(scratch: str) -> str:
   return "no error"
 
 
+def indivisible_heads(scratch: str) -> dict:
+  """`seqlab train`'s error for kv heads that the tensor-parallel size does not divide, and
+  whether the work directory was created anyway."""
+  config = tiny_config("decoder", *TENSOR_PARALLEL, "model.overrides.num_kv_heads=1",
+                       "train.steps=1", "optimizer.warmup_steps=0")
+  workdir = os.path.join(scratch, "indivisible_heads")
+  try:
+    loop.train_and_evaluate(config, workdir)
+    message = "no error"
+  except ValueError as e:
+    message = str(e)
+  return {"message": message, "workdir_created": os.path.exists(workdir)}
+
+
 def main():
-  decoder, runner = equivalence("decoder")
+  decoder, runner = equivalence("decoder", sys.argv[1])
   result = {"device_count": jax.device_count(), "decoder": decoder,
             "multihost_reference": multihost_reference(runner),
-            "encoder_decoder": equivalence("encoder_decoder")[0],
-            "bad_batch_size": bad_batch_size(sys.argv[1])}
+            "encoder_decoder": equivalence("encoder_decoder", sys.argv[1])[0],
+            "bad_batch_size": bad_batch_size(sys.argv[1]),
+            "indivisible_heads": indivisible_heads(sys.argv[1])}
   print(json.dumps(result))
 
 

@@ -60,3 +60,43 @@ def test_data_pipeline_train_step_rows_run_the_engines_step():
   assert label == "full LM"
   assert row["examples_per_s"] == pytest.approx(2 / row["step_s"])
   assert 0.0 <= row["data_wait"] < 1.0
+
+
+def _accelerator_check():
+  return _helpers.load_script("experiments/benchmarks/accelerator_check.py", "bench_accelerator")
+
+
+def test_accelerator_check_on_a_cpu_checks_attention_and_trains(tmp_path):
+  bench = _accelerator_check()
+  results = bench.main(["--out", str(tmp_path), "--parts", "attention,training"])
+  assert results["small"] and results["platform"] == "cpu"
+  paths = results["attention"]["paths"]
+  assert set(paths) == {"xla", "pallas"}  # Pallas in interpret mode on a CPU
+  for entry in paths.values():
+    # bfloat16 inputs against the float32 reference: rounding-sized errors, not wrong math.
+    assert 0 < entry["max_grad_error"] < 0.1 and entry["loss_error"] < 1.0, entry
+  training = results["training"]
+  # The first step's loss is the initial model's cross-entropy, recomputed here in float64.
+  from seqlab import models  # pylint: disable=g-import-not-at-top
+  cfg = models.get_preset("gpt-tiny", num_layers=4, scan_layers=True, remat="dots",
+                          max_length=128, dropout_rate=0.0)
+  tokens = np.asarray(training["batch_tokens"])
+  params = jax.jit(cfg.build().init)(jax.random.key(0), cfg.dummy_batch(1))["params"]
+  logits = np.asarray(jax.jit(cfg.build().apply)({"params": params},
+                                                 {"decoder_input_tokens": tokens[:, :-1]}),
+                      np.float64)
+  log_p = logits - logits.max(-1, keepdims=True)
+  log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+  want = -np.take_along_axis(log_p, tokens[:, 1:, None], -1).mean()
+  assert training["first_loss"] == pytest.approx(want, rel=1e-5)
+  assert training["loss"] < training["first_loss"]  # the steps train on the same batch
+  assert 0 < training["mfu"] < 1 and training["tokens_per_s"] > 0
+  summary = (tmp_path / "summary.md").read_text()
+  assert "| pallas |" in summary and "MFU" in summary
+
+
+@pytest.mark.slow
+def test_accelerator_check_runs_every_part_on_a_cpu(tmp_path):
+  results = _accelerator_check().main(["--out", str(tmp_path)])
+  assert all("error" not in results[p] for p in ("attention", "training", "objective_cell"))
+  assert 2.0 < results["objective_cell"]["continuation_nll"][0] < 9.0

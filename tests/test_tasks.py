@@ -149,8 +149,8 @@ def test_a_plain_english_corpus_yields_the_prose_types_only(tmp_path):
   got = builtin.register_suite("text", {"pattern": str(tmp_path / "*.txt"),
                                         "validation_fraction": 0.5}, prefix="english",
                                min_examples=3)
-  assert got["train"] == ["english/cloze", "english/next_sentence"]
-  assert got["heldout"] == ["english/sentence_order"]
+  assert got["train"] == ["english/cloze", "english/sentence_order"]
+  assert got["heldout"] == ["english/next_sentence"]
   assert set(got["skipped"]) == {f"english/{t}" for t in builtin.CODE_TRAIN +
                                  builtin.CODE_HELDOUT}
 

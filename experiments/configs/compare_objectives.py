@@ -28,13 +28,13 @@ standard The CPU study that can show zero-shot ability: 5 cells (causal decoder 
          binomial tests against chance (pooled over seeds).
          Time: STANDARD_TIME.
          Expect: STANDARD_EXPECT
-gpu      d_model 512, 6 layers per stack, 512-token rows, 12 cells incl. span_prefix_lm,
-         3 seeds, 3,000 steps of batch 64 (~98M tokens per cell).
+gpu      d_model 512, 6 layers per stack (scanned, remat "dots"), 512-token rows, 12 cells
+         incl. span_prefix_lm, 3 seeds, 3,000 steps of batch 64 (~98M tokens per cell).
          Time: about an hour on one H100-class GPU (bfloat16). Expect: the same ordering with
          clearer margins, and (c) exact match in the tens of percent.
 pod      A TPU slice: SentencePiece vocabulary (32k, 256 sentinels) trained on the corpus,
-         d_model 1024, 12 layers per stack, 1024-token rows, global batch 512, FSDP mesh,
-         `jax.distributed` on every host (launch the same command on all hosts, see
+         d_model 1024, 12 layers per stack (scanned, remat "full"), 1024-token rows, global
+         batch 512, FSDP mesh, `jax.distributed` on every host (launch the same command on all hosts, see
          TPU_SETUP.md). Not runnable on a CPU; `plan()` validates it.
 """
 
@@ -142,6 +142,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.batch_size = 64
     c.model.update(dict(d_model=512, num_heads=8, head_dim=64, d_ff=1365, num_layers=6,
                         dtype="bfloat16"))
+    # One compiled block per stack; "dots" keeps the matmul outputs and recomputes only the
+    # cheap elementwise work in the backward pass (seqlab.layers.REMAT_POLICIES).
+    for overrides in (c.model.decoder_overrides, c.model.encoder_decoder_overrides):
+      overrides.update(dict(scan_layers=True, remat="dots"))
     c.optimizer.update(dict(learning_rate=1e-3, warmup_steps=300))
     c.train.update(dict(steps=3000, checkpoint_every=1000))
     c.readouts.update(dict(chunk_length=184, num_sequences=1024, batch_size=64))
@@ -159,6 +163,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.grid.num_seeds = 3
     c.model.update(dict(d_model=1024, num_heads=16, head_dim=64, d_ff=2816, num_layers=12,
                         dtype="bfloat16"))
+    # Rows of 1024 tokens keep every layer's attention logits if matmul outputs are saved:
+    # "full" keeps only each block's input and recomputes the block in the backward pass.
+    for overrides in (c.model.decoder_overrides, c.model.encoder_decoder_overrides):
+      overrides.update(dict(scan_layers=True, remat="full"))
     c.optimizer.update(dict(learning_rate=1e-3, warmup_steps=1000))
     c.train.update(dict(steps=20000, checkpoint_every=1000))
     c.readouts.update(dict(chunk_length=368, num_sequences=2048, batch_size=256))

@@ -12,6 +12,8 @@ Args:    "decoder" (default, gpt-tiny, full causal LM), "prefix" (prefix decoder
          digits, pixel loss on 75% masked patches).
 Knobs:   --config.mesh.strategy=fsdp --config.mesh.fsdp=2 (FSDP over 2 devices; add
          --config.mesh.rules='(("embed", "fsdp"),)' for logical-axis rules),
+         --config.mesh.strategy=fsdp --config.mesh.data=2 --config.mesh.fsdp=2
+         --config.mesh.model=2 (8 devices: tensor parallelism in pairs, FSDP, data),
          --config.model.overrides.dtype=bfloat16 (bfloat16 compute, float32 parameters),
          --config.train.accum_steps=4 (gradient accumulation over 4 micro-batches).
 """
@@ -61,9 +63,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.task_kwargs = ml_collections.ConfigDict()
 
   # strategy "data" (replicated state, shard_map + psum) or "fsdp" (sharded state, jit);
-  # data / fsdp are mesh sizes (-1 = the remaining devices); rules = FSDP logical-axis rules,
-  # empty for the largest-divisible-dimension heuristic.
-  config.mesh = ml_collections.ConfigDict(dict(strategy="data", data=-1, fsdp=1, rules=()))
+  # data / fsdp / model are mesh sizes (-1 = the remaining devices, data or fsdp only); model
+  # > 1 is tensor parallelism (heads, d_ff and vocabulary split Megatron-style; "fsdp" only,
+  # and it must divide them); rules = logical-axis rules, empty for the largest-divisible-
+  # dimension FSDP heuristic (plus the tensor-parallel defaults when model > 1).
+  config.mesh = ml_collections.ConfigDict(dict(strategy="data", data=-1, fsdp=1, model=1,
+                                               rules=()))
   # initialize=True: jax.distributed.initialize() with no arguments (TPU pods, SLURM find the
   # processes themselves); or an explicit coordinator with num_processes > 1.
   # heartbeat_timeout_s: how soon the other processes stop (exit non-zero) when one dies.

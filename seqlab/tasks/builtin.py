@@ -9,22 +9,26 @@ Code types (Python documents that parse; functions found with `ast`, dunders ski
 
   type            split    prompt                                         choices
   function_name   train    the function without its `def` line            4 names
-  next_line       train    a function's first lines                       4 lines (one is next)
   arg_count       train    the whole function                             "0" ... "4"
+  module          train    the function (sources with file paths only)    4 module names
+  next_line       heldout  a function's first lines                       4 lines (one is next)
   docstring       heldout  the function with its docstring taken out      4 docstring lines
   returns         heldout  the function without its `def` line            "no", "yes"
-  module          heldout  the function (sources with file paths only)    4 module names
 
 Prose types (sentences of any text: comment and docstring lines of code too; a sentence is
 20-240 characters, 4+ words, 85%+ letters and spaces, none of \\ _ = < > { } [ ] | * `,
 starts upper-case, ends in . ! ?):
 
   cloze           train    the sentence with one word (4+ letters) blanked   4 words
-  next_sentence   train    a sentence                                        4 sentences
-  sentence_order  heldout  the sentence before a pair                        the pair in 2 orders
+  sentence_order  train    the sentence before a pair                        the pair in 2 orders
+  next_sentence   heldout  a sentence                                        4 sentences
 
 "train" and "heldout" are tags: a multitask run fine-tunes on the train types and evaluates
-zero-shot on the held-out ones (`register_suite` returns the names of both groups). A source
+zero-shot on the held-out ones (`register_suite` returns the names of both groups). As T0
+(Sanh et al. 2022) holds out sentence completion, so does this suite (the next line, the next
+sentence), with two types unlike any training one (docstring, returns): a held-out type a
+language model can answer from its pretraining alone, and types that need the transfer
+multitask fine-tuning is meant to give. A source
 without Python functions yields only the prose types; a type with fewer than `min_examples`
 examples in either split is not registered (and `register_suite` says which were skipped).
 """
@@ -44,10 +48,10 @@ import numpy as np
 
 from seqlab.tasks import registry
 
-CODE_TRAIN = ("function_name", "next_line", "arg_count")
-CODE_HELDOUT = ("docstring", "returns", "module")
-PROSE_TRAIN = ("cloze", "next_sentence")
-PROSE_HELDOUT = ("sentence_order",)
+CODE_TRAIN = ("function_name", "arg_count", "module")
+CODE_HELDOUT = ("next_line", "docstring", "returns")
+PROSE_TRAIN = ("cloze", "sentence_order")
+PROSE_HELDOUT = ("next_sentence",)
 
 
 # ─── Reading the corpus ──────────────────────────────────────────────────────────────────────
