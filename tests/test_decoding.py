@@ -248,6 +248,25 @@ def test_left_padded_array_is_the_same_as_a_list():
     np.testing.assert_array_equal(from_array.tokens[i], want)
 
 
+def test_prompt_valid_keeps_real_zeros_of_an_array_prompt():
+  """Token 0 is a real token where `prompt_valid` says so (as a list row keeps it)."""
+  model = ToyDecoder()
+  params = toy_params(model, seed=1)
+  prompts = [np.array([0, 0, 3, 4]), np.array([5, 0]), np.array([0])]
+  padded = np.zeros((3, 5), np.int32)
+  valid = np.zeros((3, 5), bool)
+  for i, prompt in enumerate(prompts):  # padding on the right, to show it need not be left
+    padded[i, :len(prompt)] = prompt
+    valid[i, :len(prompt)] = True
+  padded[:, -1] = 6  # a junk id under padding
+  out = generate(model, params, padded, prompt_valid=valid, max_new_tokens=5)
+  np.testing.assert_array_equal(out.tokens, generate(model, params, prompts, max_new_tokens=5)
+                                .tokens)
+  for i, prompt in enumerate(prompts):
+    want, _, _ = greedy_oracle(lambda h: toy_next_logits(params, h), [0, *prompt], 5)
+    np.testing.assert_array_equal(out.tokens[i], want)
+
+
 def test_bos_none_and_a_cache_that_fits_exactly():
   model = ToyDecoder()
   params = toy_params(model, seed=2)
@@ -298,6 +317,26 @@ def test_sampling_frequencies_reproducibility_and_zero_temperature_limit():
   for parity, prompt in prompts.items():
     want, _, _ = greedy_oracle(lambda h: toy_next_logits(params, h), [0, *prompt], 4)
     np.testing.assert_array_equal(cold.tokens[parity::2], np.tile(want, (num_rows // 2, 1)))
+
+
+def test_num_return_sequences_samples_each_prompt_independently():
+  """Row b·n + i is the i-th sample of prompt b: its score is the oracle log-probability of its
+  tokens after prompt b, and the samples of a prompt differ."""
+  model = ToyDecoder()
+  params = toy_params(model, seed=4)
+  prompts = [np.array([4, 7, 2]), np.array([3])]
+  n = 5
+  out = generate(model, params, prompts, max_new_tokens=6, strategy="sample", rng=3,
+                 num_return_sequences=n)
+  assert out.tokens.shape == (len(prompts) * n, 6)
+  for row in range(len(prompts) * n):
+    history, score = [0, *prompts[row // n]], 0.0
+    for token in out.tokens[row, :out.lengths[row]]:
+      score += log_softmax(toy_next_logits(params, history))[token]
+      history.append(int(token))
+    np.testing.assert_allclose(out.scores[row], score, rtol=1e-5)
+  for b in range(len(prompts)):
+    assert len({out.tokens[b * n + i].tobytes() for i in range(n)}) > 1
 
 
 def test_prefix_lm_prompt_is_fed_bidirectionally_in_one_call():
@@ -382,7 +421,7 @@ def test_beam_search_matches_python_reference(num_beams):
   params = toy_params(model, seed=8, eos_boost=2.0)
   for alpha in (0.0, 1.3):
     beam = generate(model, params, PROMPTS, max_new_tokens=7, strategy="beam",
-                    num_beams=num_beams, length_penalty=alpha)
+                    num_beams=num_beams, length_penalty=alpha, beam_rule="t5x")
     for i, prompt in enumerate(PROMPTS):
       score, seq = beam_oracle(lambda h: toy_next_logits(params, h), [0, *prompt], 7,
                                num_beams, alpha)
@@ -416,6 +455,16 @@ def test_encoder_decoder_beam_search_matches_enumeration():
     (dict(max_new_tokens=3, strategy="beam", num_beams=0), "num_beams=0"),
     (dict(max_new_tokens=3, cache_length=6), "cache_length=6"),
     (dict(max_new_tokens=3, bos_id=None), "empty"),
+    (dict(max_new_tokens=3, num_return_sequences=2), "num_return_sequences=2"),
+    (dict(max_new_tokens=3, strategy="beam", num_beams=2, num_return_sequences=3),
+     "num_return_sequences=3 must be <= num_beams=2"),
+    (dict(max_new_tokens=3, strategy="beam", early_stopping="always"), "early_stopping"),
+    (dict(max_new_tokens=3, strategy="beam", beam_rule="flax"), "beam_rule='flax'"),
+    (dict(max_new_tokens=3, repetition_penalty=0.0), "repetition_penalty=0.0"),
+    (dict(max_new_tokens=3, no_repeat_ngram_size=-1), "no_repeat_ngram_size=-1"),
+    (dict(max_new_tokens=3, min_new_tokens=1.5), "min_new_tokens=1.5"),
+    (dict(max_new_tokens=3, eos_id=(1, -2)), "eos_id"),
+    (dict(max_new_tokens=3, prompt_valid=np.ones((2, 4), bool)), "prompt_valid"),
 ])
 def test_generate_rejects_bad_arguments(kwargs, match):
   model = ToyDecoder()
