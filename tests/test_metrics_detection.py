@@ -73,6 +73,97 @@ def test_voc_map_hand_worked():
   assert eleven.ap_per_class[0] == pytest.approx(28 / 33)
 
 
+def test_voc_map_difficult_by_hand():
+  box_a, box_b, box_c = [0, 0, 10, 10], [20, 0, 30, 10], [0, 0, 10, 10]
+  ground_truths = [{"boxes": [box_a, box_b], "labels": [0, 0], "difficult": [False, True]},
+                   {"boxes": [box_c], "labels": [0]}]
+  detections = [{"boxes": [box_b, box_a, box_b, [50, 50, 60, 60]],
+                 "scores": [0.9, 0.8, 0.7, 0.6], "labels": [0, 0, 0, 0]},
+                {"boxes": [box_c], "scores": [0.5], "labels": [0]}]
+  # .9 and .7 hit the difficult box: ignored, both (a difficult box is never used up).
+  # The rest: .8 TP, .6 FP, .5 TP over 2 positives -> recall 1/2, 1/2, 1, precision
+  # 1, 1/2, 2/3: all-point AP 1/2 * 1 + 1/2 * 2/3 = 5/6.
+  result = metrics.mean_average_precision(detections, ground_truths)
+  assert result.ap_per_class == pytest.approx({0: 5 / 6})
+  # Without the flag: 3 positives; TP, TP, FP (box b taken), FP, TP -> recall 1/3, 2/3, 2/3,
+  # 2/3, 1 with precision 1, 1, 2/3, 1/2, 3/5: AP 2/3 + 1/3 * 3/5 = 13/15.
+  plain = [{k: v for k, v in g.items() if k != "difficult"} for g in ground_truths]
+  assert metrics.mean_average_precision(detections, plain).map == pytest.approx(13 / 15)
+  # A class whose only boxes are difficult has no positives: skipped, as classes without
+  # ground truth.
+  ground_truths[1] = {"boxes": [box_c, box_c], "labels": [0, 3], "difficult": [False, True]}
+  assert metrics.mean_average_precision(detections, ground_truths).ap_per_class.keys() == {0}
+
+
+def _voc_devkit(detections, ground_truths, label, iou_threshold, eleven_point):
+  """VOCevaldet.m + VOCap.m of the VOC devkit, transcribed loop for loop (xyxy, no +1)."""
+  gts = []
+  for gt in ground_truths:
+    keep = np.asarray(gt["labels"]) == label
+    difficult = np.asarray(gt.get("difficult", np.zeros(keep.size, bool)), bool)[keep]
+    gts.append((np.asarray(gt["boxes"], float).reshape(-1, 4)[keep], difficult,
+                np.zeros(int(keep.sum()), bool)))
+  num_positives = sum(int((~d).sum()) for _, d, _ in gts)
+  found = [(float(score), i, np.asarray(box, float))
+           for i, det in enumerate(detections)
+           for box, score, lab in zip(det["boxes"], det["scores"], det["labels"]) if lab == label]
+  order = sorted(range(len(found)), key=lambda k: -found[k][0])  # stable, as Matlab's sort
+  tp, fp = np.zeros(len(found)), np.zeros(len(found))
+  for d, k in enumerate(order):
+    _, i, bb = found[k]
+    boxes, difficult, taken = gts[i]
+    ovmax, jmax = -math.inf, -1
+    for j, bbgt in enumerate(boxes):
+      iw = min(bb[2], bbgt[2]) - max(bb[0], bbgt[0])
+      ih = min(bb[3], bbgt[3]) - max(bb[1], bbgt[1])
+      if iw > 0 and ih > 0:
+        ua = (bb[2] - bb[0]) * (bb[3] - bb[1]) + (bbgt[2] - bbgt[0]) * (bbgt[3] - bbgt[1]) - iw * ih
+        ov = iw * ih / ua
+        if ov > ovmax:
+          ovmax, jmax = ov, j
+    if ovmax >= iou_threshold:
+      if not difficult[jmax]:
+        if not taken[jmax]:
+          tp[d], taken[jmax] = 1, True
+        else:
+          fp[d] = 1
+    else:
+      fp[d] = 1
+  tp, fp = np.cumsum(tp), np.cumsum(fp)
+  rec = tp / num_positives
+  with np.errstate(invalid="ignore"):
+    prec = tp / (fp + tp)  # 0 / 0 = NaN before the first counted detection; max skips NaN
+  if eleven_point:
+    return sum(np.nanmax(np.concatenate([[0.0], prec[rec >= t]])) / 11
+               for t in np.arange(0, 1.1, 0.1))
+  mrec, mpre = np.concatenate([[0], rec, [1]]), np.concatenate([[0], prec, [0]])
+  for i in range(len(mpre) - 2, -1, -1):
+    mpre[i] = np.fmax(mpre[i], mpre[i + 1])
+  steps = np.flatnonzero(mrec[1:] != mrec[:-1]) + 1
+  return float(np.sum((mrec[steps] - mrec[steps - 1]) * mpre[steps]))
+
+
+def test_voc_map_with_difficult_equals_devkit_transcription():
+  detections, ground_truths = _random_detection_set(seed=4, num_images=10)
+  rng = np.random.default_rng(5)
+
+  def to_xyxy(b):
+    return np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], 1)
+
+  detections = [{**d, "boxes": to_xyxy(d["boxes"])} for d in detections]
+  ground_truths = [{**g, "boxes": to_xyxy(g["boxes"]),
+                    "difficult": rng.random(len(g["labels"])) < 0.3} for g in ground_truths]
+  assert sum(int(g["difficult"].sum()) for g in ground_truths) >= 5
+  for eleven_point in (False, True):
+    for iou_threshold in (0.3, 0.5, 0.7):
+      result = metrics.mean_average_precision(
+          detections, ground_truths, iou_threshold=iou_threshold,
+          interpolation="11_point" if eleven_point else "all_point")
+      expected = {c: _voc_devkit(detections, ground_truths, c, iou_threshold, eleven_point)
+                  for c in (1, 2, 3)}
+      assert result.ap_per_class == pytest.approx(expected, abs=1e-12)
+
+
 def _random_detection_set(seed, num_images=12, num_classes=4, dyadic=False):
   """Ground truth plus noisy detections (shifted copies, false positives, score ties)."""
   rng = np.random.default_rng(seed)
@@ -111,10 +202,11 @@ def _pycocotools(detections, ground_truths, labels):
   images, annotations, results = [], [], []
   for i, (det, gt) in enumerate(zip(detections, ground_truths)):
     images.append({"id": i + 1})
-    for box, label in zip(gt["boxes"], gt["labels"]):
+    crowd = gt.get("iscrowd", np.zeros(len(gt["labels"]), bool))
+    for box, label, is_crowd in zip(gt["boxes"], gt["labels"], crowd):
       annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
                           "category_id": int(label), "bbox": [float(v) for v in box],
-                          "area": float(box[2] * box[3]), "iscrowd": 0})
+                          "area": float(box[2] * box[3]), "iscrowd": int(is_crowd)})
     for box, score, label in zip(det["boxes"], det["scores"], det["labels"]):
       results.append({"image_id": i + 1, "category_id": int(label),
                       "bbox": [float(v) for v in box], "score": float(score)})
@@ -174,6 +266,66 @@ def test_coco_map_xyxy_input_and_dyadic_ties_match_pycocotools():
                                              for k, p in enumerate(per_class)})
 
 
+def _with_crowds(detections, ground_truths, seed):
+  """Marks some ground truths crowd and adds crowd regions holding several detections."""
+  rng = np.random.default_rng(seed)
+  detections, ground_truths = [dict(d) for d in detections], [dict(g) for g in ground_truths]
+  for i, (det, gt) in enumerate(zip(detections, ground_truths)):
+    crowd = rng.random(len(gt["labels"])) < 0.25
+    if i % 3 == 0:  # a crowd region of class 1 with 2-4 detections inside and one across
+      x, y = rng.uniform(0, 100, 2)
+      region = np.array([[x, y, 120.0, 90.0]])
+      n = int(rng.integers(2, 5))
+      inside = np.stack([x + rng.uniform(0, 80, n), y + rng.uniform(0, 60, n),
+                         rng.uniform(8, 40, n), rng.uniform(8, 30, n)], 1)
+      across = np.array([[x - 30.0, y + 10.0, 60.0, 40.0]])  # half inside: crowd IoU 1/2
+      gt["boxes"] = np.concatenate([gt["boxes"], region])
+      gt["labels"] = np.concatenate([gt["labels"], [1]])
+      crowd = np.concatenate([crowd, [True]])
+      det["boxes"] = np.concatenate([det["boxes"], inside, across])
+      det["scores"] = np.concatenate([det["scores"], np.round(rng.random(n + 1), 2)])
+      det["labels"] = np.concatenate([det["labels"], np.full(n + 1, 1)])
+    gt["iscrowd"] = crowd
+  return detections, ground_truths
+
+
+def test_coco_map_with_crowd_boxes_equals_pycocotools():
+  detections, ground_truths = _with_crowds(*_random_detection_set(seed=2, num_images=10), seed=3)
+  assert sum(int(g["iscrowd"].sum()) for g in ground_truths) >= 8
+  ref = _pycocotools(detections, ground_truths, [1, 2, 3, 4])
+  for a, area_range in enumerate(ref.params.areaRng):
+    got = metrics.coco_map(detections, ground_truths, box_format="xywh",
+                           area_range=tuple(area_range))
+    np.testing.assert_allclose(got.precision, ref.eval["precision"][:, :, :, a, 2], atol=1e-6)
+    np.testing.assert_allclose(got.recall, ref.eval["recall"][:, :, a, 2], atol=1e-6)
+  # Crowd flags matter here: scoring the crowd regions as ordinary boxes changes mAP.
+  plain = metrics.coco_map(detections, [{k: v for k, v in g.items() if k != "iscrowd"}
+                                        for g in ground_truths], box_format="xywh")
+  ours = metrics.coco_map(detections, ground_truths, box_format="xywh")
+  assert ours.map == pytest.approx(ref.stats[0], abs=1e-6)
+  assert abs(plain.map - ours.map) > 1e-3
+
+
+def test_coco_map_crowd_by_hand():
+  # Class 1: an ordinary box and a crowd region 0..100 x 0..100. Detections by score:
+  #   .9, .8 inside the region: crowd IoU = intersection / detection area = 1 -> ignored,
+  #     both (a crowd region is never used up);
+  #   .7 half outside it: crowd IoU 100 / 200 = 1/2 -> ignored at IoU 0.5, a FP above;
+  #   .6 on the ordinary box: TP. Crowd regions are not positives: 1 positive.
+  # AP = 1 at IoU 0.5; 1/2 (precision 1/2 at recall 1) at the 9 other thresholds.
+  ground_truths = [{"boxes": [[200, 200, 20, 20], [0, 0, 100, 100]], "labels": [1, 1],
+                    "iscrowd": [False, True]}]
+  detections = [{"boxes": [[10, 10, 10, 10], [50, 50, 20, 20], [90, 0, 20, 10],
+                           [200, 200, 20, 20]],
+                 "scores": [0.9, 0.8, 0.7, 0.6], "labels": [1, 1, 1, 1]}]
+  ours = metrics.coco_map(detections, ground_truths, box_format="xywh")
+  ref = _pycocotools(detections, ground_truths, [1])
+  np.testing.assert_allclose(ours.precision, ref.eval["precision"][:, :, :, 0, 2], atol=1e-12)
+  np.testing.assert_allclose(ours.recall, 1.0)
+  assert ours.map_50 == pytest.approx(1.0) and ours.map_75 == pytest.approx(0.5)
+  assert ours.map == pytest.approx((1 + 9 * 0.5) / 10)
+
+
 def test_coco_map_class_without_detections():
   detections = [{"boxes": np.array([[0.0, 0.0, 10.0, 10.0]]), "scores": np.array([0.9]),
                  "labels": np.array([1])}]
@@ -201,6 +353,15 @@ def test_detection_bad_input():
                                    [{"boxes": [[2, 0, 1, 1]], "labels": [1]}])
   with pytest.raises(ValueError, match=r"len\(detections\)=2 != len\(ground_truths\)=1"):
     metrics.coco_map([{"boxes": [], "scores": [], "labels": []}] * 2, good_gt)
+  with pytest.raises(ValueError, match=r"\['iscrowd'\] has 2 entries for 1 boxes"):
+    metrics.coco_map([{"boxes": [], "scores": [], "labels": []}],
+                     [{**good_gt[0], "iscrowd": [0, 1]}])
+  with pytest.raises(ValueError, match=r"\['difficult'\] must be bools or 0 / 1"):
+    metrics.mean_average_precision([{"boxes": [], "scores": [], "labels": []}],
+                                   [{**good_gt[0], "difficult": [2]}])
+  with pytest.raises(ValueError, match="every ground-truth box is difficult"):
+    metrics.mean_average_precision([{"boxes": [], "scores": [], "labels": []}],
+                                   [{**good_gt[0], "difficult": [True]}])
   with pytest.raises(ValueError, match="need at least one image"):
     metrics.coco_map([], [])
   with pytest.raises(ValueError, match=r"scores\[0\]=nan"):

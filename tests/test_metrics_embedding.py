@@ -102,6 +102,60 @@ def test_idf_weighting_by_hand():
   assert s_ign.precision[0] == pytest.approx(1.0)
 
 
+def cls_sep_embed(texts):
+  """toy_embed with [CLS] / [SEP] around every text, as a BERT tokenizer, "" included."""
+  out = []
+  for text in texts:
+    (tokens, rows), = toy_embed(["[CLS] " + text + " [SEP]"])
+    out.append((tokens, rows))
+  return out
+
+
+def test_empty_hypothesis_or_reference_scores_zero():
+  # bert_score: a side with only [CLS] / [SEP] gets P = R = 0, and F = 0 (its NaN zeroed).
+  special = {"[CLS]", "[SEP]"}
+  for hyps, refs in ((["", "a dog ran"], ["the cat", "a dog ran"]),
+                     (["the cat", "a dog ran"], ["   ", "a dog ran"])):
+    for ignore in (special, None):  # empty text scores 0 whatever embed makes of it
+      s = metrics.bert_score(hyps, refs, cls_sep_embed, ignore=ignore)
+      assert (s.precision[0], s.recall[0], s.f1[0]) == (0.0, 0.0, 0.0)
+      assert s.f1[1] == pytest.approx(1.0)
+  # Zero total weight on one side (all tokens ignored) zeroes both P and R.
+  h, r = np.eye(3)[:2], np.eye(3)[1:]
+  assert metrics.bert_score_from_embeddings(h, r, hyp_weights=[0.0, 0.0]) == (0.0, 0.0, 0.0)
+  assert metrics.bert_score_from_embeddings(h, r, ref_weights=[0.0, 0.0]) == (0.0, 0.0, 0.0)
+  assert metrics.bert_score_from_embeddings(h, np.zeros((0, 3))) == (0.0, 0.0, 0.0)
+
+
+MULTI_REFS = [["the cat", "a dog sat on the mat and the cat ran away"],
+              ["a dog ran", "", "the dog ran away"],
+              "a cat is here",
+              ["birds fly north again"]]
+
+
+@pytest.mark.parametrize("use_idf", [False, True])
+def test_bert_score_several_references_takes_each_max(use_idf):
+  s = metrics.bert_score(HYPS, MULTI_REFS, toy_embed, idf=use_idf)
+  flat = [r for refs in MULTI_REFS for r in ([refs] if isinstance(refs, str) else refs)]
+  # bert_score's idf corpus is every reference of every hypothesis, the empty one included.
+  idf = _brute_idf(flat) if use_idf else None
+  for i, (hyp, refs) in enumerate(zip(HYPS, MULTI_REFS)):
+    refs = [refs] if isinstance(refs, str) else refs
+    # bert_score/score.py: all_preds[beg:end].max(dim=0), rows (P, R, F) per reference.
+    rows = [_brute_bertscore(hyp, r, idf) if r else (0.0, 0.0, 0.0) for r in refs]
+    np.testing.assert_allclose([s.precision[i], s.recall[i], s.f1[i]], np.max(rows, axis=0),
+                               rtol=1e-12)
+  # Hypothesis 0: P peaks on the long reference, R on "the cat": F1 is not 2PR/(P+R).
+  p0 = _brute_bertscore(HYPS[0], MULTI_REFS[0][1], idf)[0]
+  r0 = _brute_bertscore(HYPS[0], MULTI_REFS[0][0], idf)[1]
+  assert (s.precision[0], s.recall[0]) == pytest.approx((p0, r0), rel=1e-12)
+  assert s.f1[0] < 2 * p0 * r0 / (p0 + r0) - 1e-3
+  # One reference, as a string or a list of one, is the single-reference score.
+  single = metrics.bert_score(HYPS, REFS, toy_embed, idf=use_idf)
+  listed = metrics.bert_score(HYPS, [[r] for r in REFS], toy_embed, idf=use_idf)
+  np.testing.assert_array_equal(np.stack(single), np.stack(listed))
+
+
 def test_baseline_rescaling():
   raw = metrics.bert_score(HYPS, REFS, toy_embed)
   b = (0.2, 0.3, 0.25)

@@ -19,10 +19,31 @@ def runs(mask):
   return [(bool(k), len(list(g))) for k, g in itertools.groupby(mask.tolist())]
 
 
+def t5_counts(length, noise_density, mean_noise_span_length):
+  """T5's random_spans_noise_mask counts: tf.round (half to even) of float32 tensors."""
+  num_noise = int(np.round(np.float32(length) * np.float32(noise_density)))
+  num_noise = min(max(num_noise, 1), length - 1)
+  num_spans = int(np.round(np.float32(num_noise) / np.float32(mean_noise_span_length)))
+  return num_noise, max(num_spans, 1)
+
+
 def expected_counts(length, noise_density, mean_noise_span_length):
-  num_noise = min(max(round(length * noise_density), 1), length - 1)
-  num_spans = max(round(num_noise / mean_noise_span_length), 1)
+  """T5's counts with seqlab's cap: no more spans than tokens of either kind."""
+  num_noise, num_spans = t5_counts(length, noise_density, mean_noise_span_length)
   return num_noise, min(num_spans, num_noise, length - num_noise)
+
+
+def t5_helper_float64(inputs_length, noise_density, mean_noise_span_length):
+  """T5's random_spans_helper (Python float64 counts, no clipping), for contrast."""
+  def lengths(raw_length):
+    num_noise = int(round(raw_length * noise_density))
+    num_spans = int(round(num_noise / mean_noise_span_length))
+    return raw_length - num_noise + num_spans + 1, num_noise + num_spans + 1
+
+  raw_length = inputs_length - 1
+  while lengths(raw_length + 1)[0] <= inputs_length:
+    raw_length += 1
+  return raw_length, lengths(raw_length)[1]
 
 
 def reconstruct(inputs, targets, sentinels):
@@ -120,6 +141,46 @@ def test_span_corruption_lengths_match_real_examples(noise_density, mean_noise_s
       mean_noise_span_length=mean_noise_span_length, sentinel_ids=SENTINELS)
   assert example["inputs"].size + 1 == 512  # + eos, appended by the feature converter
   assert example["targets"].size + 1 == targets_length
+
+
+DENSITIES = sorted({0.15, *np.round(np.arange(0.05, 0.501, 0.01), 2).tolist()})
+
+
+def test_noise_counts_match_t5_float32_at_ties():
+  # 190 * 0.15 is 28.500002 in float32 (T5 rounds to 29, then 29 / 3 -> 10 spans) but
+  # 28.499999999999996 in float64 (28 tokens, 9 spans).
+  assert objectives.noise_span_counts(190, 0.15, 3.0) == (29, 10)
+  assert round(190 * 0.15) == 28  # the float64 arithmetic this replaces
+  mask = objectives.random_spans_noise_mask(190, 0.15, 3.0, np.random.default_rng(0))
+  assert mask.sum() == 29 and [v for v, _ in runs(mask)] == [False, True] * 10
+  # 12 / 8 = 1.5 and 20 / 8 = 2.5: exact ties in both precisions, rounded half to even.
+  assert objectives.noise_span_counts(80, 0.15, 8.0) == (12, 2)
+  assert objectives.noise_span_counts(400, 0.05, 8.0) == (20, 2)
+  ties = 0
+  for mean_noise_span_length, densities in ((3.0, DENSITIES), (2.5, [0.15]), (8.0, [0.15])):
+    for noise_density in densities:
+      for length in range(2, 2049):
+        got = objectives.noise_span_counts(length, noise_density, mean_noise_span_length)
+        assert got == expected_counts(length, noise_density, mean_noise_span_length), (
+            length, noise_density, mean_noise_span_length)
+        ties += got[0] != min(max(round(length * noise_density), 1), length - 1)
+  assert ties > 50  # the sweep does cross float32 / float64 disagreements
+
+
+def test_span_corruption_lengths_fit_masks_at_ties():
+  # Inputs budget 172 at (0.15, 3) plans 190 raw tokens, a float32 tie: the masks give
+  # 29 + 10 target tokens + eos = 40, where T5's float64 helper would plan 38.
+  assert objectives.span_corruption_lengths(172, 0.15, 3.0) == (190, 40)
+  assert t5_helper_float64(172, 0.15, 3.0) == (190, 38)
+  rng = np.random.default_rng(0)
+  for inputs_length in range(10, 800, 3):
+    raw_length, targets_length = objectives.span_corruption_lengths(inputs_length, 0.15, 3.0)
+    example = objectives.span_corruption(rng.integers(3, 1000, raw_length), rng,
+                                         sentinel_ids=SENTINELS)
+    assert example["inputs"].size + 1 <= inputs_length
+    assert example["targets"].size + 1 == targets_length
+    num_noise, num_spans = expected_counts(raw_length + 1, 0.15, 3.0)
+    assert raw_length + 1 - num_noise + num_spans + 1 > inputs_length  # raw_length is maximal
 
 
 def test_noise_mask_is_uniform_over_valid_masks():

@@ -5,8 +5,12 @@ continuous coordinates (area = width * height, no "+1" pixel convention).
 
 Per-image inputs for the mAP functions (one mapping per image, same order in both lists):
   detections[i]    = {"boxes": [D, 4], "scores": [D], "labels": [D] int}
-  ground_truths[i] = {"boxes": [G, 4], "labels": [G] int, "areas": [G] (optional, COCO only;
-                      default box area; COCO annotations carry the segment area instead)}
+  ground_truths[i] = {"boxes": [G, 4], "labels": [G] int, and optionally
+                      "areas": [G] (COCO only; default box area; COCO annotations carry the
+                                segment area instead),
+                      "iscrowd": [G] bool (COCO only; pycocotools' crowd regions),
+                      "difficult": [G] bool (VOC only; the VOC devkit's difficult flags)}
+Each metric ignores the other's flag.
 """
 
 import dataclasses
@@ -65,7 +69,8 @@ def box_iou(boxes1: Any, boxes2: Any, *, box_format: str = "xyxy") -> np.ndarray
   return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
-def _iou_xywh(d: np.ndarray, g: np.ndarray) -> np.ndarray:
+def _iou_xywh(d: np.ndarray, g: np.ndarray, crowd: np.ndarray | None = None) -> np.ndarray:
+  """IoU [D, G] of xywh boxes; for a crowd ground truth, intersection / detection area."""
   # Same float operations, in the same order, as pycocotools' C bbIou, so COCO matching
   # decisions at an IoU threshold are bit-identical.
   w = np.minimum(d[:, None, 2] + d[:, None, 0], g[None, :, 2] + g[None, :, 0]) - np.maximum(
@@ -73,7 +78,10 @@ def _iou_xywh(d: np.ndarray, g: np.ndarray) -> np.ndarray:
   h = np.minimum(d[:, None, 3] + d[:, None, 1], g[None, :, 3] + g[None, :, 1]) - np.maximum(
       d[:, None, 1], g[None, :, 1])
   inter = w * h
-  union = (d[:, 2] * d[:, 3])[:, None] + (g[:, 2] * g[:, 3])[None, :] - inter
+  det_area = (d[:, 2] * d[:, 3])[:, None]
+  union = det_area + (g[:, 2] * g[:, 3])[None, :] - inter
+  if crowd is not None:
+    union = np.where(crowd[None, :], det_area, union)
   overlap = (w > 0) & (h > 0)
   return np.where(overlap, inter / np.where(overlap, union, 1.0), 0.0)
 
@@ -144,6 +152,8 @@ class _Image:
   gt_boxes: np.ndarray
   gt_labels: np.ndarray
   gt_areas: np.ndarray
+  gt_crowd: np.ndarray
+  gt_difficult: np.ndarray
 
 
 def _prepare(detections: Sequence[Mapping[str, Any]], ground_truths: Sequence[Mapping[str, Any]],
@@ -183,10 +193,26 @@ def _prepare(detections: Sequence[Mapping[str, Any]], ground_truths: Sequence[Ma
       gt_areas = _check_scores(gt["areas"], f"ground_truths[{i}]['areas']")
       if gt_areas.size != gt_labels.size:
         raise ValueError(f"ground_truths[{i}] has {gt_areas.size} areas, {gt_labels.size} labels")
-    images.append(_Image(det_boxes, det_scores, det_labels, gt_boxes, gt_labels, gt_areas))
+    flags = [_check_flags(gt.get(key), gt_labels.size, f"ground_truths[{i}]['{key}']")
+             for key in ("iscrowd", "difficult")]
+    images.append(_Image(det_boxes, det_scores, det_labels, gt_boxes, gt_labels, gt_areas,
+                         *flags))
   if sum(im.gt_labels.size for im in images) == 0:
     raise ValueError("ground_truths contain no boxes; average precision is undefined")
   return images
+
+
+def _check_flags(flags: Any, size: int, name: str) -> np.ndarray:
+  if flags is None:
+    return np.zeros(size, dtype=bool)
+  f = np.asarray(flags).reshape(-1)
+  if f.size != size:
+    raise ValueError(f"{name} has {f.size} entries for {size} boxes")
+  if f.size and not (np.issubdtype(f.dtype, np.bool_) or np.issubdtype(f.dtype, np.integer)):
+    raise ValueError(f"{name} must be bools or 0 / 1, got dtype {f.dtype}")
+  if np.any((f != 0) & (f != 1)):
+    raise ValueError(f"{name} must be bools or 0 / 1, got {f.tolist()}")
+  return f.astype(bool)
 
 
 def _check_labels(labels: Any, name: str) -> np.ndarray:
@@ -198,7 +224,7 @@ def _check_labels(labels: Any, name: str) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class DetectionAP:
-  """mAP = mean of ap_per_class over classes with ground truth."""
+  """mAP = mean of ap_per_class over classes with (non-difficult) ground truth."""
   map: float
   ap_per_class: dict[int, float]
 
@@ -210,9 +236,12 @@ def mean_average_precision(detections: Sequence[Mapping[str, Any]],
   """Pascal VOC mAP at one IoU threshold.
 
   Per class, detections from all images are ranked by score (stable); each is matched to the
-  ground-truth box of its image with the highest IoU: a true positive if IoU >= iou_threshold
-  (the VOC devkit's test) and that box is not yet taken, else a false positive. AP by
-  `average_precision`. Classes without ground truth are skipped; no "difficult" flags.
+  ground-truth box of its image with the highest IoU (the first on ties), as the VOC devkit
+  (VOCevaldet.m): IoU >= iou_threshold on a "difficult" box -> ignored (neither TP nor FP,
+  and the box may absorb any number of detections); on another box -> a true positive if
+  that box is not yet taken, else a false positive; below the threshold -> a false
+  positive. Difficult boxes do not count as positives. AP by `average_precision` over the
+  detections that are not ignored. Classes without (non-difficult) ground truth are skipped.
   """
   if not 0 <= iou_threshold <= 1:
     raise ValueError(f"iou_threshold={iou_threshold} must be in [0, 1]")
@@ -220,7 +249,7 @@ def mean_average_precision(detections: Sequence[Mapping[str, Any]],
     raise ValueError(f"interpolation={interpolation!r} is not one of {INTERPOLATIONS}")
   images = _prepare(detections, ground_truths, box_format)
   classes = np.unique(np.concatenate([im.gt_labels for im in images]))
-  ap = {}
+  ap: dict[int, float] = {}
   for c in classes.tolist():
     scores, matches = [], []
     for im in images:
@@ -228,22 +257,30 @@ def mean_average_precision(detections: Sequence[Mapping[str, Any]],
       if d.size == 0:
         continue
       gt = im.gt_boxes[im.gt_labels == c]
+      difficult = im.gt_difficult[im.gt_labels == c]
       ious = _iou_xywh(im.det_boxes[d], gt)
       taken = np.zeros(gt.shape[0], dtype=bool)
       for k in np.argsort(-im.det_scores[d], kind="mergesort"):
         # Matching within an image only depends on the score order inside that image.
         j = int(np.argmax(ious[k])) if gt.shape[0] else -1
-        hit = j >= 0 and ious[k, j] >= iou_threshold and not taken[j]
+        covered = j >= 0 and ious[k, j] >= iou_threshold
+        if covered and difficult[j]:
+          continue  # an ignored detection changes neither TP nor FP counts
+        hit = covered and not taken[j]
         if hit:
           taken[j] = True
         scores.append(im.det_scores[d][k])
         matches.append(hit)
-    num_gt = sum(int(np.sum(im.gt_labels == c)) for im in images)
+    num_gt = sum(int(np.sum((im.gt_labels == c) & ~im.gt_difficult)) for im in images)
+    if num_gt == 0:
+      continue
     if not scores:
       ap[c] = 0.0
       continue
     recall, precision = precision_recall(scores, matches, num_gt)
     ap[c] = average_precision(recall, precision, interpolation=interpolation)
+  if not ap:
+    raise ValueError("every ground-truth box is difficult; average precision is undefined")
   return DetectionAP(map=float(np.mean(list(ap.values()))), ap_per_class=ap)
 
 
@@ -271,16 +308,20 @@ def coco_map(detections: Sequence[Mapping[str, Any]], ground_truths: Sequence[Ma
              *, box_format: str = "xyxy", iou_thresholds: Any = COCO_IOU_THRESHOLDS,
              max_detections: int = 100,
              area_range: tuple[float, float] = COCO_AREA_ALL) -> CocoAP:
-  """COCO-style mAP, matching pycocotools' COCOeval (bbox, no crowd boxes) exactly.
+  """COCO-style mAP, matching pycocotools' COCOeval (bbox) exactly, crowd boxes included.
 
   Per image and class: detections sorted by score (stable), the top `max_detections` kept;
   at each IoU threshold each detection greedily takes the unmatched ground truth with the
-  highest IoU >= threshold (ties go to the later box). Ground truths outside `area_range` are
-  ignored (a detection matched to one is neither TP nor FP), as are unmatched detections
-  outside it. Per class, all images' detections are ranked by score, and precision is read
-  from the envelope at 101 recall points (0, 0.01, ..., 1). Labels are the union of
-  ground-truth and detection labels, images are taken in list order (pycocotools: image id
-  order, detections and annotations in file order).
+  highest IoU >= threshold (ties go to the later box). Crowd ground truths ("iscrowd") and
+  those outside `area_range` are ignored: they come last in the matching, so a detection
+  takes one only when no ordinary box qualifies; a detection matched to one is neither
+  TP nor FP, and they are not counted in recall. A crowd box's IoU is intersection /
+  detection area, and it stays available for any number of detections. Unmatched
+  detections outside `area_range` are ignored too. Per class, all images' detections are
+  ranked by score, and precision is read from the envelope at 101 recall points
+  (0, 0.01, ..., 1). Labels are the union of ground-truth and detection labels, images are
+  taken in list order (pycocotools: image id order, detections and annotations in file
+  order).
   """
   thresholds = np.asarray(iou_thresholds, dtype=np.float64).reshape(-1)
   if thresholds.size == 0 or np.any(~np.isfinite(thresholds) | (thresholds < 0) |
@@ -350,10 +391,10 @@ def _coco_evaluate_image(im: _Image, label: int, thresholds: np.ndarray, max_det
     return None
   order = np.argsort(-im.det_scores[d], kind="mergesort")[:max_detections]
   dt, scores = im.det_boxes[d][order], im.det_scores[d][order]
-  gt_ignore = (im.gt_areas[g] < lo) | (im.gt_areas[g] > hi)
+  gt_ignore = im.gt_crowd[g] | (im.gt_areas[g] < lo) | (im.gt_areas[g] > hi)
   gt_order = np.argsort(gt_ignore, kind="mergesort")  # ignored ground truth last
-  gt, gt_ignore = im.gt_boxes[g][gt_order], gt_ignore[gt_order]
-  ious = _iou_xywh(dt, gt)
+  gt, gt_ignore, crowd = im.gt_boxes[g][gt_order], gt_ignore[gt_order], im.gt_crowd[g][gt_order]
+  ious = _iou_xywh(dt, gt, crowd)
   num_t, num_d, num_g = thresholds.size, dt.shape[0], gt.shape[0]
   gt_taken = np.zeros((num_t, num_g), dtype=bool)
   dt_matched = np.zeros((num_t, num_d), dtype=bool)
@@ -362,7 +403,7 @@ def _coco_evaluate_image(im: _Image, label: int, thresholds: np.ndarray, max_det
     for i in range(num_d):
       best, m = min(threshold, 1 - 1e-10), -1
       for j in range(num_g):
-        if gt_taken[t, j]:
+        if gt_taken[t, j] and not crowd[j]:  # a crowd region absorbs any number of detections
           continue
         if m > -1 and not gt_ignore[m] and gt_ignore[j]:
           break  # a real match beats any ignored ground truth (which come last)

@@ -127,8 +127,8 @@ def bert_score_from_embeddings(hyp_LD: Any, ref_SD: Any, *, hyp_weights: Any = N
 
   P = sum_i w_i max_j cos(h_i, r_j) / sum_i w_i over hypothesis tokens i,
   R = sum_j v_j max_i cos(h_i, r_j) / sum_j v_j over reference tokens j, F1 = 2PR/(P+R).
-  Weights default to 1. A side with no tokens or zero total weight scores 0 (bert_score
-  gives empty sentences 0); F1 = 0 when P + R = 0.
+  Weights default to 1. When either side has no tokens or zero total weight, (P, R, F1) =
+  (0, 0, 0), as bert_score gives an empty candidate or reference; F1 = 0 when P + R = 0.
   """
   h_LD = _unit_rows(np.asarray(hyp_LD, dtype=np.float64), "hyp_LD")
   r_SD = _unit_rows(np.asarray(ref_SD, dtype=np.float64), "ref_SD")
@@ -137,13 +137,14 @@ def bert_score_from_embeddings(hyp_LD: Any, ref_SD: Any, *, hyp_weights: Any = N
 
 
 def _greedy_match(h_LD: np.ndarray, r_SD: np.ndarray, w_L: np.ndarray, v_S: np.ndarray) -> PRF:
-  if h_LD.shape[0] == 0 or r_SD.shape[0] == 0:
+  # An empty side (bert_score: nothing but [CLS] / [SEP], both weight 0) zeroes P and R.
+  if not (w_L.sum() > 0 and v_S.sum() > 0):
     return PRF(0.0, 0.0, 0.0)
   if h_LD.shape[1] != r_SD.shape[1]:
     raise ValueError(f"embedding widths differ: {h_LD.shape[1]} != {r_SD.shape[1]}")
   cos_LS = h_LD @ r_SD.T
-  p = float(w_L @ cos_LS.max(axis=1) / w_L.sum()) if w_L.sum() > 0 else 0.0
-  r = float(v_S @ cos_LS.max(axis=0) / v_S.sum()) if v_S.sum() > 0 else 0.0
+  p = float(w_L @ cos_LS.max(axis=1) / w_L.sum())
+  r = float(v_S @ cos_LS.max(axis=0) / v_S.sum())
   f = 2 * p * r / (p + r) if p + r != 0 else 0.0
   return PRF(p, r, f)
 
@@ -151,18 +152,29 @@ def _greedy_match(h_LD: np.ndarray, r_SD: np.ndarray, w_L: np.ndarray, v_S: np.n
 def bert_score(hypotheses: Sequence[Any], references: Sequence[Any], embed: EmbedFn, *,
                idf: bool | Idf = False, baseline: tuple[float, float, float] | None = None,
                ignore: Ignore = None, decode: _inputs.Decode | None = None) -> PRF:
-  """BERTScore P / R / F1 per pair, arrays [N].
+  """BERTScore P / R / F1 per hypothesis, arrays [N].
 
-  idf: False = uniform weights; True = `idf_from_corpus` over the references' tokens (as
-    bert_score does; hypothesis tokens use the same table); or a precomputed `Idf`.
+  references[i] is one reference (a text or token ids) or a list of them. With several,
+  P, R and F1 are each the maximum over the references, taken separately (bert_score's
+  `max(dim=0)` over the (P, R, F) rows of one candidate), so the three may come from
+  different references and F1 need not be 2PR/(P+R).
+  An empty (or whitespace-only) hypothesis or reference scores (0, 0, 0) whatever `embed`
+  returns for it, as bert_score, whose tokenizer leaves only [CLS] / [SEP]; so does a side
+  with no tokens or zero total weight.
+  idf: False = uniform weights; True = `idf_from_corpus` over the tokens of all references
+    (as bert_score does; hypothesis tokens use the same table); or a precomputed `Idf`.
   baseline: (b_P, b_R, b_F) for rescaling, x -> (x - b) / (1 - b), each b < 1 (bert_score's
     published baselines are per model and layer).
   ignore: tokens (a collection or a predicate) given weight 0, e.g. [CLS] / [SEP] as
     bert_score does; they stay available as matches.
+  Rescaling, when asked, comes after the maximum and applies to empty pairs too, as in
+  bert_score.
   """
   hypotheses, references = _inputs.check_pairs(hypotheses, references)
   hyps = [_inputs.as_text(h, decode, f"hypotheses[{i}]") for i, h in enumerate(hypotheses)]
-  refs = [_inputs.as_text(r, decode, f"references[{i}]") for i, r in enumerate(references)]
+  ref_sets = [_inputs.as_reference_set(r, decode, f"references[{i}]")
+              for i, r in enumerate(references)]
+  refs = [r for ref_set in ref_sets for r in ref_set]
   if baseline is not None:
     baseline = tuple(float(b) for b in baseline)
     if len(baseline) != 3 or not all(math.isfinite(b) and b < 1 for b in baseline):
@@ -171,10 +183,16 @@ def bert_score(hypotheses: Sequence[Any], references: Sequence[Any], embed: Embe
   ref_emb = _embed(embed, refs, "references")
   table = _resolve_idf(idf, ref_emb, "references")
   scores = np.zeros((3, len(hyps)))
-  for i, (h, r) in enumerate(zip(hyp_emb, ref_emb)):
-    scores[:, i] = _greedy_match(h.unit_LD, r.unit_LD,
-                                 _weights(h, table, ignore, f"hypotheses[{i}]"),
-                                 _weights(r, table, ignore, f"references[{i}]"))
+  first = 0
+  for i, (hyp, h, ref_set) in enumerate(zip(hyps, hyp_emb, ref_sets)):
+    h_weights = _weights(h, table, ignore, f"hypotheses[{i}]")
+    per_ref = np.zeros((len(ref_set), 3))
+    for j, (ref, r) in enumerate(zip(ref_set, ref_emb[first:first + len(ref_set)])):
+      if hyp.strip() and ref.strip():
+        per_ref[j] = _greedy_match(h.unit_LD, r.unit_LD, h_weights,
+                                   _weights(r, table, ignore, f"references[{i}][{j}]"))
+    scores[:, i] = per_ref.max(axis=0)
+    first += len(ref_set)
   if baseline is not None:
     b = np.asarray(baseline)[:, None]
     scores = (scores - b) / (1 - b)

@@ -2,7 +2,17 @@
 
 Follows t5.data.preprocessors (`random_spans_noise_mask`, `noise_span_to_unique_sentinel`,
 `nonnoise_span_to_unique_sentinel`, `random_spans_helper`) with NumPy and an explicit
-`numpy.random.Generator`. Two deliberate differences, both where T5 would break:
+`numpy.random.Generator`. The counts are T5's to the bit: `random_spans_noise_mask` rounds
+float32(length) * float32(noise_density) and float32(num_noise) / float32(mean_noise_span_length)
+half to even (`tf.round` on float32 tensors), which differs from float64 where a product lands
+on .5 in one precision only -- e.g. length 190 at density 0.15 is 28.500002 in float32 (29
+noise tokens in 10 spans) but 28.499999999999996 in float64 (28 in 9); at density 0.15 the
+lengths 190, 350, 390, 670, 710, 750, 790 and 830 in 64..1024 are such ties. T5's own length
+helper, `random_spans_helper`, counts in float64 and so can disagree with T5's masks at those
+lengths; `span_corruption_lengths` uses the float32 counts the masks use, so a planned length
+always fits the examples seqlab makes.
+
+Two deliberate differences from T5, both where T5 would break:
 
 * T5 segments `num_nonnoise_tokens` into `num_noise_spans` non-empty pieces, impossible when
   there are more spans than non-noise tokens (e.g. noise_density=0.8, mean length 1). We cap
@@ -34,14 +44,18 @@ def noise_span_counts(length: int, noise_density: float,
 
   num_noise = clip(round(length * noise_density), 1, length - 1) (0 when noise_density == 0);
   num_spans = max(round(num_noise / mean_noise_span_length), 1), capped at
-  min(num_noise, length - num_noise) so no span is empty. Python's round (half to even) in
-  float64, as T5's `random_spans_helper`.
+  min(num_noise, length - num_noise) so no span is empty. Both products are float32 and
+  both rounds half to even, as T5's `random_spans_noise_mask` (tf.round on float32), so the
+  counts match T5's masks at .5 ties (length 190, density 0.15: 29 tokens, 10 spans).
   """
   _check_rates(noise_density, mean_noise_span_length)
   if noise_density == 0.0:
     return 0, 0
-  num_noise = min(max(int(round(length * noise_density)), 1), length - 1)
-  num_spans = max(int(round(num_noise / mean_noise_span_length)), 1)
+  # TF casts the Python floats to float32 tensors before multiplying; np.round is half to even.
+  product = np.float32(length) * np.float32(noise_density)
+  num_noise = min(max(int(np.round(product)), 1), length - 1)
+  quotient = np.float32(num_noise) / np.float32(mean_noise_span_length)
+  num_spans = max(int(np.round(quotient)), 1)
   num_spans = min(num_spans, num_noise, length - num_noise)
   return num_noise, num_spans
 
@@ -201,9 +215,11 @@ def span_corruption_lengths(inputs_length: int, noise_density: float,
   """T5's `random_spans_helper`: (raw_length, targets_length) for an inputs budget.
 
   raw_length is the largest number of raw tokens whose corrupted inputs, plus one eos, fit in
-  `inputs_length`; targets_length is the corrupted targets length plus one eos. As T5, when
-  noise_density == 0.5 and the targets come out longer than the inputs, one raw token is
-  dropped so the targets fit the (usually round) inputs length. For example
+  `inputs_length`; targets_length is the corrupted targets length plus one eos. The counts
+  are `noise_span_counts`' float32 ones, those of the masks, not T5's float64 helper
+  arithmetic (see the module docstring). As T5, when noise_density == 0.5 and the targets
+  come out longer than the inputs, one raw token is dropped so the targets fit the (usually
+  round) inputs length. For example
   `span_corruption_lengths(512, 0.15, 3.0) == (568, 114)`.
   """
   if isinstance(inputs_length, bool) or not isinstance(inputs_length, (int, np.integer)):
