@@ -1,7 +1,9 @@
-"""Hugging Face PyTorch parity: GPT-2, BERT, T5 v1.0 / v1.1 converted into seqlab models."""
+"""Hugging Face PyTorch parity: GPT-2, BERT, T5 v1.0 / v1.1 converted into seqlab models, and
+exported back bit for bit. Llama / Mistral: test_convert_llama.py."""
 
 import contextlib
 import dataclasses
+import warnings
 from unittest import mock
 
 import jax
@@ -161,6 +163,63 @@ def test_bert_model_without_heads_matches_hugging_face(scan_layers):
                              rtol=0)
 
 
+def _assert_same_state_dict(exported: dict, original: dict) -> None:
+  assert set(exported) == set(original)
+  for name, value in original.items():
+    torch.testing.assert_close(exported[name], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("architecture, scan_layers", [
+    ("BertForPreTraining", True), ("BertModel", False), ("BertForMaskedLM", True)])
+def test_bert_export_round_trips(architecture, scan_layers):
+  hf = getattr(transformers, architecture)(_bert_config())
+  config = text.bert_config_from_hf(hf.config, pretraining_heads=architecture != "BertModel",
+                                    scan_layers=scan_layers)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # BertForMaskedLM: the pooler / NSP head are filled in
+    params = text.bert_from_hf(hf.state_dict(), config)
+  exported = convert.bert_to_hf(params, config, architecture=architecture)
+  _assert_same_state_dict(exported, hf.state_dict())
+  getattr(transformers, architecture)(hf.config).load_state_dict(exported, strict=True)
+
+
+def test_bert_for_masked_lm_imports_with_a_fresh_pooler_and_nsp_head():
+  hf = transformers.BertForMaskedLM(_bert_config()).eval()
+  config = text.bert_config_from_hf(hf.config, dropout_rate=0.0)
+  with pytest.warns(UserWarning, match=r"pooler\.dense.*cls\.seq_relationship"):
+    params = text.bert_from_hf(hf.state_dict(), config)
+  # Hugging Face's init of missing weights: normal(0, initializer_range), zero bias; seeded.
+  kernel = np.asarray(params["pooler"]["kernel"])
+  assert 0.015 < kernel.std() < 0.025 and not np.asarray(params["nsp"]["bias"]).any()
+  with pytest.warns(UserWarning):
+    again = text.bert_from_hf(hf.state_dict(), config)
+  np.testing.assert_array_equal(again["nsp"]["kernel"], params["nsp"]["kernel"])
+  tokens, types = _bert_batch()
+  valid = tokens != 0
+  with torch.no_grad():
+    expected = hf(torch.tensor(tokens), attention_mask=torch.tensor(valid.astype(np.int64)),
+                  token_type_ids=torch.tensor(types)).logits.numpy()
+  out = _logits_jit(config.build())({"params": params}, {"encoder_input_tokens": tokens,
+                                                         "token_type_ids": types})
+  np.testing.assert_allclose(np.asarray(out["mlm_logits"])[valid], expected[valid], atol=TOL,
+                             rtol=0)
+
+
+def test_roberta_checkpoints_are_refused():
+  roberta_config = transformers.RobertaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
+                                              num_attention_heads=4, intermediate_size=64,
+                                              max_position_embeddings=18)
+  with pytest.raises(ValueError, match="model_type='roberta'"):
+    text.bert_config_from_hf(roberta_config)
+  with pytest.raises(ValueError, match="model_type='roberta'"):
+    text.bert_config_from_hf(roberta_config.to_dict())
+  state_dict = transformers.RobertaForMaskedLM(roberta_config).state_dict()
+  config = text.bert_config_from_hf(_bert_config(), num_layers=1, max_length=18,
+                                    type_vocab_size=1)
+  with pytest.raises(ValueError, match="RoBERTa checkpoint"):
+    text.bert_from_hf(state_dict, config)
+
+
 # ---------------------------------------------------------------------------------------------
 # T5.
 # ---------------------------------------------------------------------------------------------
@@ -204,6 +263,17 @@ def test_t5_logits_match_hugging_face(version, chunk_rows, scan_layers):
     logits = _logits_jit(config.build())({"params": params}, {
         "encoder_input_tokens": encoder_tokens, "decoder_input_tokens": decoder_tokens})
   np.testing.assert_allclose(logits, expected, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("version", ["v1.0", "v1.1"])
+def test_t5_export_round_trips(version):
+  hf = _hf_t5(version)
+  config = text.t5_config_from_hf(hf.config, scan_layers=True)
+  exported = convert.t5_to_hf(text.t5_from_hf(hf.state_dict(), config), config)
+  _assert_same_state_dict(exported, hf.state_dict())
+  if version == "v1.1":  # the untied head is exported as itself, not as the embedding
+    assert not torch.equal(exported["lm_head.weight"], exported["shared.weight"])
+  transformers.T5ForConditionalGeneration(hf.config).load_state_dict(exported, strict=True)
 
 
 def test_t5_config_from_a_config_dict():

@@ -1,5 +1,7 @@
-"""Hugging Face parity: tiny random ViT, Swin and ViT-MAE models, converted, agree < 1e-4."""
+"""Hugging Face parity: tiny random ViT, Swin and ViT-MAE models, converted, agree < 1e-4;
+exported back, their state dicts are bitwise the originals."""
 
+import dataclasses
 import re
 
 import jax
@@ -147,6 +149,29 @@ def test_swin_window_larger_than_resolution_follows_the_official_rule():
   assert_close(run(config.build(), params, x), ref)
 
 
+def test_swin_padded_windows_match_hf_and_masking_them_differs():
+  # 56x104 image, 4x4 patches: stage grids 14x26, 7x13, 4x7, none a multiple of window 4.
+  # Stages 0 and 1 pad and shift (shift mask on the padded size); stage 2 (min = window)
+  # pads without shift; the odd grids also exercise the padded patch merging.
+  hf_config = transformers.SwinConfig(image_size=(56, 104), patch_size=4, embed_dim=16,
+                                      depths=[2, 2, 2], num_heads=[2, 4, 8], window_size=4,
+                                      num_labels=5)
+  hf = randomise(transformers.SwinForImageClassification(hf_config), seed=7)
+  config = vision.swin_config_from_hf(hf_config)
+  assert not config.mask_padded_keys
+  params = vision.swin_from_hf(hf.state_dict(), config)
+  assert [[(b.window, b.shift) for b in stage]
+          for stage in config.build().bind({"params": params}).stages] == [
+      [(4, 0), (4, 2)], [(4, 0), (4, 2)], [(4, 0), (4, 0)]]
+  x = images_nchw(2, 56, 104, seed=7)
+  with torch.no_grad():
+    ref = hf(torch.from_numpy(x)).logits.numpy()
+  assert_close(run(config.build(), params, x), ref)
+  # Masking the padded keys is another model: same parameters, other logits.
+  masked = dataclasses.replace(config, mask_padded_keys=True)
+  assert np.abs(np.asarray(run(masked.build(), params, x)) - ref).max() > 1e-2
+
+
 # ─── MAE ─────────────────────────────────────────────────────────────────────────────────────
 
 
@@ -251,6 +276,52 @@ def test_older_hf_layouts_convert_to_the_same_parameters():
       (16, 16), np.int64)  # a buffer old checkpoints carry; ignored
   assert "swin.encoder.layers.1.blocks.1.attention.self.relative_position_bias_table" in old
   _same_tree(vision.swin_from_hf(old, config), vision.swin_from_hf(swin.state_dict(), config))
+
+
+def _assert_same_state_dict(exported: dict, original: dict) -> None:
+  assert set(exported) == set(original)
+  for name, value in original.items():
+    torch.testing.assert_close(exported[name], value, rtol=0, atol=0)
+
+
+def test_exports_round_trip_bitwise_and_load_strictly():
+  """HF -> seqlab (scanned where the model can scan) -> HF: the same tensors, bit for bit."""
+  vit_config = transformers.ViTConfig(num_labels=5, **VIT_HF)
+  for hf, num_classes in ((transformers.ViTForImageClassification(vit_config), None),
+                          (transformers.ViTModel(vit_config, add_pooling_layer=False), 0)):
+    config = vision.vit_config_from_hf(vit_config, num_classes=num_classes, scan_layers=True)
+    exported = convert.vit_to_hf(vision.vit_from_hf(hf.state_dict(), config), config)
+    _assert_same_state_dict(exported, hf.state_dict())
+    type(hf)(vit_config, **({} if num_classes is None else {"add_pooling_layer": False})
+             ).load_state_dict(exported, strict=True)
+
+  swin_config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2],
+                                        num_heads=[2, 4], window_size=4, num_labels=3)
+  for hf, num_classes in ((transformers.SwinForImageClassification(swin_config), None),
+                          (transformers.SwinModel(swin_config), 0)):
+    config = vision.swin_config_from_hf(swin_config, num_classes=num_classes)
+    exported = convert.swin_to_hf(vision.swin_from_hf(hf.state_dict(), config), config)
+    _assert_same_state_dict(exported, hf.state_dict())
+    type(hf)(swin_config).load_state_dict(exported, strict=True)
+
+  mae_config = transformers.ViTMAEConfig(
+      image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+      intermediate_size=64, decoder_hidden_size=16, decoder_num_hidden_layers=1,
+      decoder_num_attention_heads=2, decoder_intermediate_size=32)
+  hf = randomise(transformers.ViTMAEForPreTraining(mae_config), seed=8)
+  with torch.no_grad():  # a released checkpoint's fixed tables (see the MAE parity test)
+    for table, dim in ((hf.vit.embeddings.position_embeddings, 32),
+                       (hf.decoder.decoder_pos_embed, 16)):
+      pe = modeling_vit_mae.build_2d_sinusoidal_position_embedding(4, 4, dim, cls_token=True)
+      table.copy_(torch.cat([pe[..., dim // 2:], pe[..., :dim // 2]], dim=-1)[None])
+  config = vision.mae_config_from_hf(mae_config, scan_layers=True)
+  exported = convert.mae_to_hf(vision.mae_from_hf(hf.state_dict(), config), config)
+  _assert_same_state_dict(exported, hf.state_dict())
+  transformers.ViTMAEForPreTraining(mae_config).load_state_dict(exported, strict=True)
+  as_numpy = vision.mae_to_hf(vision.mae_from_hf(hf.state_dict(), config), config,
+                              return_tensors="np")
+  np.testing.assert_array_equal(as_numpy["decoder.mask_token"],
+                                hf.state_dict()["decoder.mask_token"].numpy())
 
 
 def test_conversion_errors_name_the_keys():

@@ -1,8 +1,9 @@
 """Import (and export) Hugging Face PyTorch checkpoints as seqlab parameters.
 
 Optional: needs the `hf` extra (torch, transformers, safetensors). Weights are the user's own
-files; nothing is downloaded. Text models live in `seqlab.convert.text`, vision models in
-`seqlab.convert.vision`; their public functions are re-exported here.
+files; nothing is downloaded. Text models (GPT-2, BERT, T5, Llama / Mistral) live in
+`seqlab.convert.text`, vision models (ViT, Swin, MAE) in `seqlab.convert.vision`; their public
+functions (`*_config_from_hf`, `*_from_hf`, `*_to_hf`) are re-exported here.
 """
 
 from __future__ import annotations

@@ -12,6 +12,13 @@ tensor of the checkpoint used, except buffers and the unused `ViTModel` pooler (
 which the classifier does not read); anything else raises ValueError naming the keys.
 `vit_config_from_hf` / `swin_config_from_hf` / `mae_config_from_hf` turn a Hugging Face config
 (object or dict) into the matching seqlab config.
+
+`vit_to_hf`, `swin_to_hf` and `mae_to_hf` are the inverses: seqlab `params` (either layer
+layout) -> a state dict in the current Hugging Face layout, torch tensors (`return_tensors=
+"pt"`) or NumPy arrays ("np"), that loads strictly (`load_state_dict(sd, strict=True)`) into
+`ViTForImageClassification` / `SwinForImageClassification` (`num_classes > 0`), `ViTModel(...,
+add_pooling_layer=False)` / `SwinModel` (no head), or `ViTMAEForPreTraining`. A round trip from
+Hugging Face is bitwise.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from seqlab.models.swin import SwinConfig
 from seqlab.models.vit import ViTConfig
 
 __all__ = ["vit_from_hf", "swin_from_hf", "mae_from_hf", "vit_config_from_hf",
-           "swin_config_from_hf", "mae_config_from_hf"]
+           "swin_config_from_hf", "mae_config_from_hf", "vit_to_hf", "swin_to_hf", "mae_to_hf"]
 
 # Older Hugging Face layouts -> the current one (transformers' own conversion_mapping rules).
 _VIT_RENAMES = [
@@ -159,6 +166,65 @@ def _unflatten(flat: dict) -> dict:
   return tree
 
 
+class _Writer:
+  """The inverse of `_Builder`: pops seqlab params by path into Hugging Face named tensors."""
+
+  def __init__(self, params: dict, config):
+    unrolled_params = match_layout(params, unrolled(config))
+    self.flat = {path: np.asarray(value, np.float32)
+                 for path, value in _flatten(unrolled_params).items()}
+    self.out: dict[str, np.ndarray] = {}
+
+  def take(self, path: str) -> np.ndarray:
+    key = tuple(path.split("/"))
+    if key not in self.flat:
+      raise ValueError(f"params have no {path!r} (does the config match the params?)")
+    return self.flat.pop(key)
+
+  def put(self, key: str, value: np.ndarray) -> None:
+    self.out[key] = value
+
+  def dense(self, path: str, key: str, bias: bool = True) -> None:
+    self.put(f"{key}.weight", self.take(f"{path}/kernel").T)
+    if bias:
+      self.put(f"{key}.bias", self.take(f"{path}/bias"))
+
+  def norm(self, path: str, key: str) -> None:
+    self.put(f"{key}.weight", self.take(f"{path}/scale"))
+    self.put(f"{key}.bias", self.take(f"{path}/bias"))
+
+  def conv(self, path: str, key: str) -> None:
+    # flax [kh, kw, in, out] -> torch [out, in, kh, kw]
+    self.put(f"{key}.weight", self.take(f"{path}/kernel").transpose(3, 2, 0, 1))
+    self.put(f"{key}.bias", self.take(f"{path}/bias"))
+
+  def attention(self, path: str, key: str, qkv_bias: bool) -> None:
+    for name in ("q", "k", "v"):
+      kernel = self.take(f"{path}/{_QKV[name]}/kernel")
+      self.put(f"{key}.{name}_proj.weight", kernel.reshape(kernel.shape[0], -1).T)
+      if qkv_bias:
+        self.put(f"{key}.{name}_proj.bias", self.take(f"{path}/{_QKV[name]}/bias").reshape(-1))
+    kernel = self.take(f"{path}/out/kernel")
+    self.put(f"{key}.o_proj.weight", kernel.reshape(-1, kernel.shape[-1]).T)
+    self.put(f"{key}.o_proj.bias", self.take(f"{path}/out/bias"))
+
+  def finish(self, prefix: str, return_tensors: str) -> dict:
+    if self.flat:
+      raise ValueError(f"params not exported (does the config match the params?): "
+                       f"{sorted('/'.join(p) for p in self.flat)}")
+    out = {(k if k.startswith("classifier.") or not prefix else f"{prefix}.{k}"):
+           np.ascontiguousarray(v) for k, v in self.out.items()}
+    if return_tensors == "np":
+      return out
+    import torch
+    return {k: torch.from_numpy(v.copy()) for k, v in out.items()}
+
+
+def _check_return_tensors(return_tensors: str) -> None:
+  if return_tensors not in ("pt", "np"):
+    raise ValueError(f"return_tensors={return_tensors!r} is not one of ('pt', 'np')")
+
+
 def _block(b: _Builder, path: str, key: str, num_heads: int, qkv_bias: bool = True) -> None:
   b.norm(f"{path}/self_attention_norm", f"{key}.layernorm_before")
   b.attention(f"{path}/self_attention", f"{key}.attention", num_heads, qkv_bias)
@@ -167,15 +233,27 @@ def _block(b: _Builder, path: str, key: str, num_heads: int, qkv_bias: bool = Tr
   b.dense(f"{path}/mlp/wo", f"{key}.mlp.fc2")
 
 
+def _write_block(w: _Writer, path: str, key: str, qkv_bias: bool = True) -> None:
+  w.norm(f"{path}/self_attention_norm", f"{key}.layernorm_before")
+  w.attention(f"{path}/self_attention", f"{key}.attention", qkv_bias)
+  w.norm(f"{path}/mlp_norm", f"{key}.layernorm_after")
+  w.dense(f"{path}/mlp/wi", f"{key}.mlp.fc1")
+  w.dense(f"{path}/mlp/wo", f"{key}.mlp.fc2")
+
+
+def _check_vit_config(config: ViTConfig) -> None:
+  if config.pool != "cls" or config.posemb != "learned":
+    raise ValueError(f"Hugging Face ViT has a class token and learned positions; got "
+                     f"pool={config.pool!r}, posemb={config.posemb!r}")
+
+
 def vit_from_hf(state_dict: Mapping[str, Any], config: ViTConfig) -> dict:
   """seqlab ViT `params` from a Hugging Face ViT state dict (see the module docstring).
 
   The config must describe the checkpoint: class token, learned positions, and `num_classes`
   equal to the classifier's rows (0 for a `ViTModel` without classifier).
   """
-  if config.pool != "cls" or config.posemb != "learned":
-    raise ValueError(f"Hugging Face ViT has a class token and learned positions; got "
-                     f"pool={config.pool!r}, posemb={config.posemb!r}")
+  _check_vit_config(config)
   b = _Builder(_normalise(state_dict, "vit", _VIT_RENAMES), _VIT_IGNORED)
   b.put("cls_token", b.take("embeddings.cls_token"))
   b.put("pos_embedding", b.take("embeddings.position_embeddings"))
@@ -186,6 +264,23 @@ def vit_from_hf(state_dict: Mapping[str, Any], config: ViTConfig) -> dict:
   if config.num_classes:
     b.dense("head", "classifier")
   return b.finish(config)
+
+
+def vit_to_hf(params: dict, config: ViTConfig, *, return_tensors: str = "pt") -> dict:
+  """seqlab ViT `params` -> a `ViTForImageClassification` state dict (`ViTModel` without
+  pooler, no `vit.` prefix, when `num_classes == 0`); see the module docstring."""
+  _check_vit_config(config)
+  _check_return_tensors(return_tensors)
+  w = _Writer(params, config)
+  w.put("embeddings.cls_token", w.take("cls_token"))
+  w.put("embeddings.position_embeddings", w.take("pos_embedding"))
+  w.conv("patch_embed/proj", "embeddings.patch_embeddings.projection")
+  for i in range(config.num_layers):
+    _write_block(w, f"block_{i}", f"layers.{i}")
+  w.norm("norm", "layernorm")
+  if config.num_classes:
+    w.dense("head", "classifier")
+  return w.finish("vit" if config.num_classes else "", return_tensors)
 
 
 def mae_from_hf(state_dict: Mapping[str, Any], config: MAEConfig) -> dict:
@@ -216,6 +311,32 @@ def mae_from_hf(state_dict: Mapping[str, Any], config: MAEConfig) -> dict:
   return b.finish(config)
 
 
+def mae_to_hf(params: dict, config: MAEConfig, *, return_tensors: str = "pt") -> dict:
+  """seqlab MAE `params` -> a `ViTMAEForPreTraining` state dict.
+
+  The fixed sin-cos tables, which are not seqlab parameters, are written as seqlab computes
+  them (`seqlab.models.mae.position_table`, MAE's layout), equal to a released checkpoint's.
+  """
+  _check_return_tensors(return_tensors)
+  w = _Writer(params, config)
+  w.put("vit.embeddings.cls_token", w.take("cls_token"))
+  w.put("vit.embeddings.position_embeddings",
+        np.asarray(mae_position_table(config.posemb, config.grid_size, config.d_model)))
+  w.conv("patch_embed/proj", "vit.embeddings.patch_embeddings.projection")
+  for i in range(config.num_layers):
+    _write_block(w, f"block_{i}", f"vit.layers.{i}")
+  w.norm("norm", "vit.layernorm")
+  w.put("decoder.mask_token", w.take("mask_token"))
+  w.put("decoder.decoder_pos_embed", np.asarray(
+      mae_position_table(config.posemb, config.grid_size, config.decoder_d_model)))
+  w.dense("decoder_embed", "decoder.decoder_embed")
+  for i in range(config.decoder_num_layers):
+    _write_block(w, f"decoder_block_{i}", f"decoder.decoder_layers.{i}")
+  w.norm("decoder_norm", "decoder.decoder_norm")
+  w.dense("decoder_pred", "decoder.decoder_pred")
+  return w.finish("", return_tensors)
+
+
 def swin_from_hf(state_dict: Mapping[str, Any], config: SwinConfig) -> dict:
   """seqlab Swin `params` from a Hugging Face Swin state dict (see the module docstring).
 
@@ -240,6 +361,35 @@ def swin_from_hf(state_dict: Mapping[str, Any], config: SwinConfig) -> dict:
   if config.num_classes:
     b.dense("head", "classifier")
   return b.finish(config)
+
+
+def swin_to_hf(params: dict, config: SwinConfig, *, return_tensors: str = "pt") -> dict:
+  """seqlab Swin `params` -> a `SwinForImageClassification` state dict (`SwinModel`, no
+  `swin.` prefix, when `num_classes == 0`); see the module docstring.
+
+  The relative-position index is a non-persistent buffer in Hugging Face and is not written.
+  The parameters do not record `config.mask_padded_keys`: Hugging Face always attends to
+  padded window tokens (the seqlab default).
+  """
+  _check_return_tensors(return_tensors)
+  w = _Writer(params, config)
+  w.conv("patch_embed/proj", "embeddings.patch_embeddings.projection")
+  if config.patch_norm:
+    w.norm("patch_norm", "embeddings.norm")
+  for i, depth in enumerate(config.depths):
+    for j in range(depth):
+      key, path = f"encoder.layers.{i}.blocks.{j}", f"stage_{i}_block_{j}"
+      _write_block(w, path, key, config.qkv_bias)
+      w.put(f"{key}.attention.relative_position_bias.relative_position_bias_table",
+            w.take(f"{path}/self_attention/relative_position_bias_table"))
+    if i < len(config.depths) - 1:
+      w.norm(f"stage_{i}_merge/norm", f"encoder.layers.{i}.downsample.norm")
+      w.dense(f"stage_{i}_merge/reduction", f"encoder.layers.{i}.downsample.reduction",
+              bias=False)
+  w.norm("norm", "layernorm")
+  if config.num_classes:
+    w.dense("head", "classifier")
+  return w.finish("swin" if config.num_classes else "", return_tensors)
 
 
 def _hf_get(hf_config: Any) -> Callable[[str, Any], Any]:

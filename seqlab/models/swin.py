@@ -10,6 +10,17 @@ The official rule shrinks a stage's window to its resolution and turns the shift
 `min(resolution) <= window`. As in the official model, windows, shifts and the bias tables are
 fixed by `image_size`; another input size runs with them as long as the rule would give every
 stage the same window (otherwise ValueError).
+
+Padded windows. A stage whose grid is not a multiple of its window is padded bottom/right with
+zeros to the next multiple. By default (`SwinConfig.mask_padded_keys=False`) this is the
+official Swin and Hugging Face behaviour: the normalised features are padded *before* the
+q/k/v projections and real tokens attend to the padded ones (whose keys and values are the
+projection biases); only the shift mask (computed on the padded size) restricts attention.
+A converted checkpoint then reproduces Hugging Face's logits on every input size.
+`mask_padded_keys=True` instead pads after the projections and hides padded keys
+(`seqlab.attention.window_attention`, `seqlab.masks.swin_shift(..., mask_padded_keys=True)`),
+so a real token's output does not depend on how far its window reaches past the image; it
+differs from the official numbers wherever padding occurs and is equal to them elsewhere.
 """
 
 from __future__ import annotations
@@ -38,7 +49,9 @@ class SwinConfig:
   """Swin hyperparameters; stage i has width `embed_dim * 2**i` and `num_heads[i]` heads.
 
   `drop_path_rate` is the stochastic-depth rate of the last block, rising linearly from 0 at
-  the first block over all stages (the official rule).
+  the first block over all stages (the official rule). `mask_padded_keys` chooses how windows
+  that reach past the token grid treat their zero padding (module docstring): False (default)
+  attends to it as the official Swin and Hugging Face do, True masks it.
   """
   image_size: int | tuple[int, int] = 224
   patch_size: int = 4
@@ -54,6 +67,7 @@ class SwinConfig:
   layer_norm_eps: float = 1e-5
   dropout_rate: float = 0.0
   drop_path_rate: float = 0.1
+  mask_padded_keys: bool = False
   dtype: str = "float32"
 
   def __post_init__(self):
@@ -101,17 +115,26 @@ class WindowAttention(nn.Module):
   x `[B, H, W, C]` -> `[B, H, W, C]`. Projections are `seqlab.layers.Dense` under
   `seqlab.layers.Attention`'s names (query/key/value `[C, N, Dh]`, out `[N, Dh, C]`); the bias
   table `[(2M-1)², N]` is a parameter, its index a constant
-  (`seqlab.positions.swin_relative_position_index`).
+  (`seqlab.positions.swin_relative_position_index`). H or W not a multiple of the window: x is
+  zero-padded before the projections and padded keys are attended to (official Swin), or, with
+  `mask_padded_keys`, padded after them and masked; padded outputs are cropped either way.
   """
   num_heads: int
   window: int
   shift: int
   qkv_bias: bool = True
+  mask_padded_keys: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x_BHWC: jax.Array) -> jax.Array:
-    channels = x_BHWC.shape[-1]
+    _, height, width, channels = x_BHWC.shape
+    if not self.mask_padded_keys:
+      # Padding the features (not q/k/v) gives padded keys and values the projection biases,
+      # as the official model's F.pad before window_partition; window_attention then sees a
+      # divisible grid and masks nothing but the shift.
+      x_BHWC = jnp.pad(x_BHWC, ((0, 0), (0, -height % self.window), (0, -width % self.window),
+                                (0, 0)))
     head_dim = channels // self.num_heads
     table = self.param("relative_position_bias_table", nn.initializers.truncated_normal(0.02),
                        ((2 * self.window - 1) ** 2, self.num_heads), jnp.float32)
@@ -120,7 +143,7 @@ class WindowAttention(nn.Module):
     q, k, v = project("query"), project("key"), project("value")
     bias_NLL = positions.swin_relative_bias(table, self.window)
     y_BHWNH = attention.window_attention(q, k, v, window=self.window, shift=self.shift,
-                                         bias=bias_NLL)
+                                         bias=bias_NLL)[:, :height, :width]
     return layers.Dense(channels, num_in_axes=2, dtype=self.dtype, name="out")(y_BHWNH)
 
 
@@ -134,6 +157,7 @@ class SwinBlock(nn.Module):
   layer_norm_eps: float = 1e-5
   dropout_rate: float = 0.0
   drop_path_rate: float = 0.0
+  mask_padded_keys: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -142,8 +166,8 @@ class SwinBlock(nn.Module):
     drop_path = DropPath(self.drop_path_rate)
     dropout = nn.Dropout(self.dropout_rate)
     y = layers.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="self_attention_norm")(x)
-    y = WindowAttention(self.num_heads, self.window, self.shift, self.qkv_bias, self.dtype,
-                        name="self_attention")(y)
+    y = WindowAttention(self.num_heads, self.window, self.shift, self.qkv_bias,
+                        self.mask_padded_keys, self.dtype, name="self_attention")(y)
     x = x + drop_path(dropout(y, deterministic=not train), deterministic=not train)
     y = layers.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="mlp_norm")(x)
     y = layers.MLP(channels, int(channels * self.mlp_ratio), activation="gelu", dtype=self.dtype,
@@ -191,8 +215,8 @@ class Swin(nn.Module):
         window, shift = stage_window(resolutions[i], cfg.window_size,
                                      0 if j % 2 == 0 else cfg.window_size // 2)
         blocks.append(SwinBlock(heads, window, shift, cfg.mlp_ratio, cfg.qkv_bias,
-                                cfg.layer_norm_eps, cfg.dropout_rate, rates[first + j], dtype,
-                                name=f"stage_{i}_block_{j}"))
+                                cfg.layer_norm_eps, cfg.dropout_rate, rates[first + j],
+                                cfg.mask_padded_keys, dtype, name=f"stage_{i}_block_{j}"))
       first += depth
       stages.append(blocks)
       if i < len(cfg.depths) - 1:
