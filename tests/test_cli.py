@@ -27,10 +27,6 @@ import pytest
 import _helpers
 from seqlab import checkpoint, cli, loop
 
-# One pytest-xdist worker runs this module: its module fixtures (run A, run B) are trainings
-# that every other worker would otherwise repeat.
-pytestmark = pytest.mark.xdist_group("cli")
-
 DROPOUT = "--config.model.overrides.dropout_rate=0.1"
 # A's own cache, empty when it starts: A pays for every compile. A finds it the way a user's
 # `seqlab train` finds its cache, at seqlab's default under XDG_CACHE_HOME (here A_HOME).

@@ -96,9 +96,9 @@ def _close(a, b, rtol=2e-5):
 
 # Gradients for the families whose stacks differ (self-attention blocks with GQA and RoPE,
 # cross-attention, per-layer drop-path rates); outputs for all.
+# (BERT's and MAE's scanned stacks are held to Hugging Face in tests/test_convert_*.py.)
 @pytest.mark.parametrize("name, check_gradients", [
-    ("decoder", True), ("prefix_decoder", False), ("bert", False), ("encoder_decoder", True),
-    ("vit", True), ("mae", False)])
+    ("decoder", True), ("prefix_decoder", False), ("encoder_decoder", True), ("vit", True)])
 def test_scanned_outputs_and_gradients_equal_unrolled(name, check_gradients):
   config, batch, params = _setup(name)
   scanned = dataclasses.replace(config, scan_layers=True)
@@ -139,7 +139,7 @@ def test_remat_recomputes_in_the_backward_pass():
   assert dots("full") > dots("none")
 
 
-@pytest.mark.parametrize("name, strategy", [("decoder", "greedy"), ("encoder_decoder", "beam")])
+@pytest.mark.parametrize("name, strategy", [("decoder", "beam"), ("encoder_decoder", "greedy")])
 def test_scanned_kv_cache_decodes_the_same_tokens(name, strategy):
   config, batch, params = _setup(name)
   scanned = dataclasses.replace(config, scan_layers=True)
@@ -207,6 +207,6 @@ def test_flops_do_not_depend_on_the_layout():
     ("remat", "some", r"remat='some'"),
 ])
 def test_bad_stack_options_name_the_field(field, value, match):
-  for name in ("decoder", "bert", "encoder_decoder", "vit", "mae"):
+  for name in CASES:
     with pytest.raises(ValueError, match=match):
       dataclasses.replace(CASES[name][0], **{field: value})
