@@ -225,10 +225,11 @@ TASK_READOUTS = (("zero_shot", "(d) zero-shot"), ("few_shot", "(d) few-shot"),
 
 def task_table(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[str, Any]],
                alpha: float = 0.05) -> str:
-  """Each held-out task type per cell: accuracy (%) pooled over seeds (right answers / examples
-  of every seed) and the one-sided exact binomial p-value against the type's chance level;
-  accuracies significantly above chance at `alpha` are **bold**. Empty when the rows hold no
-  per-type counts."""
+  """Each held-out task type per cell: accuracy (%) over every seed's answers and the one-sided
+  exact binomial p-value against the type's chance level; accuracies significantly above chance
+  at `alpha` are **bold**. Every seed answers the same examples, so the test counts them once:
+  the mean number right over seeds (rounded) out of one seed's examples. Empty when the rows
+  hold no per-type counts."""
   if not all(isinstance(r.get("suite_tasks"), Mapping) for r in rows) or not rows:
     return ""
   readouts = [(k, t) for k, t in TASK_READOUTS if k in rows[0]["suite_tasks"]]
@@ -245,15 +246,17 @@ def task_table(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[str,
         counts = [r["suite_tasks"][key][t] for r in mine]
         correct, n = sum(c[0] for c in counts), sum(c[1] for c in counts)
         chance[t] = counts[0][2]
-        p = binomial_p(correct, n, chance[t])
+        p = binomial_p(int(round(correct / len(counts))), counts[0][1], chance[t])
         text = f"{100 * correct / n:.1f} (p={p:.2g})"
         cells.append(f"**{text}**" if p < alpha else text)
       lines.append("| " + " | ".join(cells) + " |")
   n_per_seed = {t: rows[0]["suite_tasks"]["zero_shot"][t][1] for t in types}
   levels = ", ".join(f"{t} {100 * chance[t]:.1f}% ({n_per_seed[t]} examples per seed)"
                      for t in types)
-  return ("\n".join(lines) + "\n\nAccuracy in % over every seed's examples; p: one-sided exact "
-          f"binomial test against chance, **bold** below {alpha:g}. Chance: {levels}.\n")
+  return ("\n".join(lines) + "\n\nAccuracy in % over every seed's answers; p: one-sided exact "
+          "binomial test against chance of the mean number right over seeds out of one seed's "
+          f"examples (the seeds answer the same examples), **bold** below {alpha:g}. Chance: "
+          f"{levels}.\n")
 
 
 def write_markdown(summary: Sequence[Mapping[str, Any]], path: str, *, title: str,
