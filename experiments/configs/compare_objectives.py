@@ -10,15 +10,17 @@ quick    Byte-level stdlib corpus, 128-token rows, d_model 96, 2 layers per stac
          (causal/prefix decoder and encoder-decoder x full LM / prefix LM / span corruption /
          UL2; a full LM fits only the causal decoder) x 2 seeds, 140 steps of batch 16; all
          five readouts, (d) zero-shot only (a 128-byte row holds no in-context example).
-         Time: about 9.5 minutes on a 2-core CPU (9m34s measured).
+         Time: about 9.5 minutes on a 2-core CPU (9m34s measured with a cold compilation
+         cache; 442 s of cell wall time with a warm one).
          Expect: on (a) continuation NLL the encoder-decoder prefix LM and the full-LM causal
          decoder tie (2.560 ± 0.003 and 2.584 ± 0.118; with 4-8x the steps the causal decoder
          leads clearly, results/compare_objectives/budget); span corruption (encoder-decoder)
          best on (b) read as T5's targets (sentinels scored), UL2 next and not separable at
          two seeds; (c) exact match 0 everywhere, chrF and the name NLL still separate the
-         cells. (d) and (e) sit at or below chance for every cell (27-28% against chance
-         33.3% and a majority baseline of 30.2%): at this size and row length no zero-shot
-         ability exists to compare, and results.md says so cell by cell.
+         cells. (d) and (e) sit below chance for every cell (26-28% against chance 33.3%;
+         next line 21.9% in every cell against 25%): at this size and row length no zero-shot
+         ability exists to compare (the standard config shows it), and results.md says so
+         type by type.
 smoke    Two cells, one seed, a few steps, tiny model: checks the plumbing in ~30 s (tests).
 standard The CPU study that can show zero-shot ability: 5 cells (causal decoder + full LM,
          prefix decoder + prefix LM, prefix decoder + span corruption ("non-causal MLM"),
